@@ -1,0 +1,371 @@
+"""Step 1: the released FP8/FP4 checkpoint -> a plain BF16 checkpoint, exact and resumable.
+
+plan() reads every header and the index and refuses anything outside the V4 format before a
+byte is written; check_destination() refuses a destination that would mix runs or not fit;
+run() converts shard by shard in parallel, each shard streamed in bounded chunks into a
+temporary file that is renamed when whole and then recorded (size, sha256) in the manifest.
+A rerun skips recorded shards whose bytes still hash the same, so an interrupted run resumed
+gives the same bytes as an uninterrupted one.
+
+Memory bound: each worker holds one chunk of at most `chunk_elems` logical elements, about
+11 bytes per element (1-byte input, fp32 values and scales, 2-byte output): 8 Mi elements ->
+~90 MiB per worker, independent of tensor and shard size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import sys
+import threading
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import atomic
+from .dequant import dequant_fp4, dequant_fp8
+from .format import (
+    DTYPE_SIZE, FP4_WEIGHT, FP8_BLOCK, FP8_WEIGHT, SCALE, FormatError, TensorSpec, bf16_config,
+    dequant_shape, expected_tensors, load_config, scale_of_weight, weight_of_scale,
+)
+from .shards import INDEX_NAME, ShardWriter, TensorEntry, file_sha256, read_header, read_index, read_range
+
+MANIFEST = "quantbook-dequant.json"
+DEFAULT_CHUNK_ELEMS = 8 * 1024 * 1024
+SCALE_DTYPES = ("F8_E8M0", "F32")
+
+
+@dataclass
+class Op:
+    """One output tensor: a plain copy, or a quantized weight dequantized with its scale."""
+
+    out_name: str
+    out_dtype: str
+    out_shape: tuple[int, ...]
+    kind: str
+    src: TensorEntry
+    src_shard: Path
+    scale: TensorEntry | None = None
+    scale_shard: Path | None = None
+
+
+@dataclass
+class ShardPlan:
+    name: str
+    ops: list[Op]
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(_nbytes(o.out_dtype, o.out_shape) for o in self.ops)
+
+
+@dataclass
+class Plan:
+    src: Path
+    dst: Path
+    config: dict
+    source_id: str
+    shards: list[ShardPlan]
+    extra_files: list[str]
+    accounting: dict = field(default_factory=dict)
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(r["bytes_in"] for r in self.accounting["by_dtype"].values())
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(s.bytes_out for s in self.shards)
+
+
+def _nbytes(dtype: str, shape) -> int:
+    return math.prod(shape) * DTYPE_SIZE[dtype]
+
+
+def _check_tensor(name: str, entry: TensorEntry, shard: str, spec: TensorSpec | None) -> None:
+    if spec is None:
+        raise FormatError(f"shard {shard}: tensor {name} ({entry.dtype}{list(entry.shape)}) is not part of the V4 format")
+    ok_dtypes = SCALE_DTYPES if spec.kind == SCALE else (spec.dtype,)
+    if spec.kind == FP8_WEIGHT and name.split(".ffn.experts.")[0] != name:
+        ok_dtypes = ("F8_E4M3",)
+    if entry.dtype not in ok_dtypes:
+        raise FormatError(
+            f"shard {shard}: tensor {name}: dtype {entry.dtype}, the V4 format has {' or '.join(ok_dtypes)} here"
+        )
+    if entry.shape != spec.shape:
+        what = "scale" if spec.kind == SCALE else "tensor"
+        raise FormatError(
+            f"shard {shard}: {what} {name}: shape {list(entry.shape)}, config.json implies {list(spec.shape)}"
+        )
+
+
+def source_identity(src: Path, index: dict, headers: dict) -> str:
+    """A cheap fingerprint of a release: config, index and every shard's header and size."""
+    h = hashlib.sha256()
+    h.update((src / "config.json").read_bytes())
+    h.update(json.dumps(index, sort_keys=True).encode())
+    for name in sorted(headers):
+        hd = headers[name]
+        h.update(name.encode())
+        h.update(str(hd.file_size).encode())
+        h.update(json.dumps({k: [v.dtype, v.shape, v.start] for k, v in hd.tensors.items()}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def plan(src: str | Path, dst: str | Path) -> Plan:
+    """Validate the whole source (all headers, index, names, dtypes, shapes, pairs) and plan the output."""
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    if not (src / "config.json").exists():
+        raise FormatError(f"{src}: no config.json (is this a checkpoint directory?)")
+    config = load_config(src)
+    index = read_index(src)
+    expected = expected_tensors(config)
+    shard_names = sorted(set(index["weight_map"].values()))
+    headers = {s: read_header(src / s) for s in shard_names}
+    on_disk = {p.name for p in src.glob("*.safetensors")}
+    stray = sorted(on_disk - set(shard_names))
+    if stray:
+        raise FormatError(f"shard {stray[0]}: on disk but not in {INDEX_NAME} ({len(stray)} such files)")
+
+    where: dict[str, str] = {}
+    for s, hd in headers.items():
+        for name, entry in hd.tensors.items():
+            if index["weight_map"].get(name) != s:
+                raise FormatError(f"shard {s}: tensor {name} is in the shard but the index maps it to "
+                                  f"{index['weight_map'].get(name)}")
+            _check_tensor(name, entry, s, expected.get(name))
+            where[name] = s
+    for name, s in index["weight_map"].items():
+        if name not in headers[s].tensors:
+            raise FormatError(f"shard {s}: tensor {name} is listed in the index but absent from the shard")
+    missing = [n for n in expected if n not in where]
+    if missing:
+        raise FormatError(f"tensor {missing[0]}: config.json implies it but no shard holds it "
+                          f"({len(missing)} such tensors)")
+    total = sum(e.nbytes for hd in headers.values() for e in hd.tensors.values())
+    declared = index.get("metadata", {}).get("total_size")
+    if declared is not None and declared != total:
+        raise FormatError(f"{INDEX_NAME}: total_size {declared} but the shards hold {total} tensor bytes")
+
+    acct = {"by_dtype": defaultdict(lambda: {"tensors_in": 0, "bytes_in": 0, "tensors_out": 0, "bytes_out": 0}),
+            "scales_consumed": 0, "scale_bytes_consumed": 0, "fp8_weights": 0, "fp4_weights": 0}
+    shards = []
+    for s in shard_names:
+        hd = headers[s]
+        ops = []
+        for name, entry in sorted(hd.tensors.items(), key=lambda kv: kv[1].start):
+            spec = expected[name]
+            acct["by_dtype"][entry.dtype]["tensors_in"] += 1
+            acct["by_dtype"][entry.dtype]["bytes_in"] += entry.nbytes
+            if spec.kind == SCALE:
+                w = weight_of_scale(name)
+                if w not in where:
+                    raise FormatError(f"shard {s}: scale {name} has no weight {w}")
+                acct["scales_consumed"] += 1
+                acct["scale_bytes_consumed"] += entry.nbytes
+                continue
+            if spec.kind in (FP8_WEIGHT, FP4_WEIGHT):
+                sc = scale_of_weight(name)
+                if sc not in where:
+                    raise FormatError(f"shard {s}: quantized weight {name} has no scale {sc}")
+                sshard = src / where[sc]
+                op = Op(name, "BF16", dequant_shape(spec), spec.kind, entry, src / s,
+                        headers[where[sc]].tensors[sc], sshard)
+                acct["fp8_weights" if spec.kind == FP8_WEIGHT else "fp4_weights"] += 1
+            else:
+                op = Op(name, entry.dtype, entry.shape, spec.kind, entry, src / s)
+            acct["by_dtype"][op.out_dtype]["tensors_out"] += 1
+            acct["by_dtype"][op.out_dtype]["bytes_out"] += _nbytes(op.out_dtype, op.out_shape)
+            ops.append(op)
+        shards.append(ShardPlan(s, ops))
+    acct["by_dtype"] = dict(acct["by_dtype"])
+    extra = sorted(p.name for p in src.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.suffix != ".safetensors"
+                   and p.name not in (INDEX_NAME, "config.json"))
+    return Plan(src, dst, config, source_identity(src, index, headers), shards, extra, acct)
+
+
+def check_destination(p: Plan) -> None:
+    """Refuse a destination that is the source, inside it, foreign, or too small."""
+    src, dst = p.src, p.dst
+    if dst == src or src in dst.parents:
+        raise FormatError(f"destination {dst} is the source or inside it; choose a directory outside {src}")
+    manifest = atomic.read_json(dst / MANIFEST)
+    if dst.exists() and any(dst.iterdir()):
+        if manifest is None:
+            raise FormatError(f"destination {dst} is not empty and holds no {MANIFEST}: "
+                              "refusing to write into a directory that is not an earlier run of this source")
+        if manifest.get("source_id") != p.source_id:
+            raise FormatError(f"destination {dst} holds a run of another source ({manifest.get('source')}); "
+                              "use an empty directory")
+    done = (manifest or {}).get("shards", {})
+    needed = sum(s.bytes_out for s in p.shards if s.name not in done)
+    free = free_disk(dst)
+    if free < needed:
+        raise FormatError(f"destination {dst}: {needed / 2**30:.2f} GiB still to write, {free / 2**30:.2f} GiB free")
+
+
+def _read_tensor_rows(path: Path, entry: TensorEntry, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+    row_bytes = entry.nbytes // entry.shape[0] if entry.shape[0] else 0
+    raw = read_range(path, entry.start + r0 * row_bytes, (r1 - r0) * row_bytes)
+    t = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+    return t.view(dtype).reshape(r1 - r0, *entry.shape[1:])
+
+
+def _scale_dtype(entry: TensorEntry) -> torch.dtype:
+    return torch.float32 if entry.dtype == "F32" else torch.uint8
+
+
+def _dequant_op(op: Op, writer: ShardWriter, device: str, chunk_elems: int) -> int:
+    """Dequantize one weight in row chunks, writing as it goes; returns the count of NaN outputs."""
+    rows, cols = op.out_shape
+    step = max(1, chunk_elems // max(cols, 1))
+    if op.kind == FP8_WEIGHT:
+        step = max(FP8_BLOCK, step // FP8_BLOCK * FP8_BLOCK)
+    nans = 0
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        w = _read_tensor_rows(op.src_shard, op.src, r0, r1, torch.uint8).to(device)
+        if op.kind == FP8_WEIGHT:
+            s0, s1 = r0 // FP8_BLOCK, -(-r1 // FP8_BLOCK)
+            s = _read_tensor_rows(op.scale_shard, op.scale, s0, s1, _scale_dtype(op.scale)).to(device)
+            out = dequant_fp8(w, s)
+        else:
+            s = _read_tensor_rows(op.scale_shard, op.scale, r0, r1, _scale_dtype(op.scale)).to(device)
+            out = dequant_fp4(w, s)
+        nans += int(torch.isnan(out).sum())
+        writer.write(out.cpu().view(torch.int16).numpy())
+    return nans
+
+
+def convert_shard(sp: ShardPlan, dst: Path, device: str = "cpu", chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+                  on_bytes=None) -> dict:
+    """Write one output shard atomically; returns its size, sha256 and any NaN counts."""
+    entries = [(o.out_name, o.out_dtype, o.out_shape) for o in sp.ops]
+    writer = ShardWriter(dst / sp.name, entries, metadata={"format": "pt"})
+    nans = {}
+    try:
+        for op in sp.ops:
+            before = writer.written
+            if op.kind in (FP8_WEIGHT, FP4_WEIGHT):
+                n = _dequant_op(op, writer, device, chunk_elems)
+                if n:
+                    nans[op.out_name] = n
+            else:
+                writer.copy_range(op.src_shard, op.src.start, op.src.nbytes)
+            if on_bytes:
+                on_bytes(writer.written - before)
+        size, sha = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    return {"size": size, "sha256": sha, "nan_values": nans}
+
+
+def _verified(dst: Path, name: str, rec: dict) -> bool:
+    path = dst / name
+    return path.exists() and path.stat().st_size == rec["size"] and file_sha256(path) == rec["sha256"]
+
+
+def run(p: Plan, workers: int = 2, device: str = "cpu", chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+        progress: bool = True) -> dict:
+    """Convert every shard not already done and verified, then write index, config and side files."""
+    from tqdm.auto import tqdm
+
+    check_destination(p)
+    dst = p.dst
+    dst.mkdir(parents=True, exist_ok=True)
+    for stale in dst.glob("*.partial"):
+        stale.unlink()
+    manifest = atomic.read_json(dst / MANIFEST) or {
+        "kind": "quantbook.dequant", "source": str(p.src), "source_id": p.source_id, "shards": {}, "complete": False,
+    }
+    manifest["complete"] = False
+    done = {n: r for n, r in manifest["shards"].items() if _verified(dst, n, r)}
+    manifest["shards"] = dict(done)
+    atomic.write_json(dst / MANIFEST, manifest)
+    todo = [s for s in p.shards if s.name not in done]
+    lock = threading.Lock()
+    skipped = sum(s.bytes_out for s in p.shards if s.name in done)
+    bar = tqdm(total=p.bytes_out, initial=skipped, unit="B", unit_scale=True, desc="dequant",
+               disable=not progress, file=sys.stderr)
+
+    def on_bytes(n):
+        with lock:
+            bar.update(n)
+
+    def one(sp):
+        rec = convert_shard(sp, dst, device, chunk_elems, on_bytes)
+        with lock:
+            manifest["shards"][sp.name] = rec
+            atomic.write_json(dst / MANIFEST, manifest)
+        return sp.name
+
+    if device == "cpu" and workers > 1:
+        torch.set_num_threads(1)  # one shard per thread; keep torch from oversubscribing cores
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for fut in as_completed([pool.submit(one, sp) for sp in todo]):
+                fut.result()
+    finally:
+        bar.close()
+
+    for name in p.extra_files:
+        atomic.write_bytes(dst / name, (p.src / name).read_bytes())
+    weight_map = {o.out_name: sp.name for sp in p.shards for o in sp.ops}
+    atomic.write_json(dst / INDEX_NAME, {"metadata": {"total_size": p.bytes_out}, "weight_map": weight_map})
+    atomic.write_json(dst / "config.json", bf16_config(p.config))
+    nans = {k: v for r in manifest["shards"].values() for k, v in r.get("nan_values", {}).items()}
+    acct = dict(p.accounting, nan_values=nans, shards_skipped=len(done), shards_written=len(todo))
+    reconcile(acct, p.bytes_in, p.bytes_out)
+    manifest.update(complete=True, accounting=acct)
+    atomic.write_json(dst / MANIFEST, manifest)
+    return acct
+
+
+def reconcile(acct: dict, bytes_in: int, bytes_out: int) -> None:
+    """Check the accounting adds up: what went in, minus scales and quantized bytes, plus BF16 out."""
+    rows = acct["by_dtype"].values()
+    if sum(r["bytes_in"] for r in rows) != bytes_in or sum(r["bytes_out"] for r in rows) != bytes_out:
+        raise AssertionError("accounting does not match the plan's byte totals")
+    t_in = sum(r["tensors_in"] for r in rows)
+    t_out = sum(r["tensors_out"] for r in rows)
+    if t_in - acct["scales_consumed"] != t_out:
+        raise AssertionError(f"tensors in {t_in} - scales {acct['scales_consumed']} != tensors out {t_out}")
+
+
+def accounting_rows(acct: dict) -> list[dict]:
+    """The accounting as table rows (one per dtype plus a total), for the CLI and the notebook."""
+    rows = [dict(dtype=d, **r) for d, r in sorted(acct["by_dtype"].items())]
+    rows.append({"dtype": "total", **{k: sum(r[k] for r in rows) for k in
+                                      ("tensors_in", "bytes_in", "tensors_out", "bytes_out")}})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    width = {c: max(len(c), *(len(f"{r[c]:,}" if isinstance(r[c], int) else str(r[c])) for r in rows)) for c in cols}
+    fmt = lambda v: f"{v:,}" if isinstance(v, int) else str(v)  # noqa: E731
+    lines = ["  ".join(c.rjust(width[c]) for c in cols)]
+    lines += ["  ".join(fmt(r[c]).rjust(width[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def dequantize(src, dst, workers: int = 2, device: str = "cpu", chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+               progress: bool = True) -> dict:
+    """plan -> check -> run: the one call behind `quantbook dequant` and notebook 01."""
+    p = plan(src, dst)
+    return run(p, workers=workers, device=device, chunk_elems=chunk_elems, progress=progress)
+
+
+def free_disk(path: Path) -> int:
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+

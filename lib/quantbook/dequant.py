@@ -1,0 +1,69 @@
+"""Exact dequantization of V4's FP8 block weights and packed FP4 experts to BF16.
+
+    FP8: W[i,j] = bf16_rne( f32(e4m3(w[i,j])) * f32(e8m0(s[i//128, j//128])) )
+    FP4: v[i,2k] = E2M1[w[i,k] & 0xF]; v[i,2k+1] = E2M1[w[i,k] >> 4]
+         W[i,j] = bf16_rne( v[i,j] * f32(e8m0(s[i, j//32])) )
+
+Every product is exact in fp32, so the result is the formula's bit for bit. Bytes are
+reinterpreted as float8 types, never read as integers. Nibble 8 gives +0.0, as DeepSeek's own
+converter does. Works on any torch device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .format import FP4_GROUP, FP8_BLOCK
+
+# E2M1 value of each 4-bit code (index = nibble); code 8 is -0 in hardware, +0 here.
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+_PAIR_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def e8m0_to_f32(s: torch.Tensor) -> torch.Tensor:
+    """UE8M0 scale bytes -> 2^(byte-127) in fp32 (0xFF -> NaN)."""
+    return s.view(torch.uint8).view(torch.float8_e8m0fnu).to(torch.float32)
+
+
+def scale_to_f32(s: torch.Tensor) -> torch.Tensor:
+    """A `.scale` tensor as fp32 multipliers: E8M0 bytes, or fp32 already (V4 base models)."""
+    if s.dtype == torch.float32:
+        return s
+    return e8m0_to_f32(s)
+
+
+def _pair_table(device: torch.device) -> torch.Tensor:
+    """byte -> (value of low nibble, value of high nibble), as a [256, 2] fp32 table."""
+    if device not in _PAIR_TABLES:
+        t = torch.tensor(E2M1, dtype=torch.float32)
+        codes = torch.arange(256)
+        _PAIR_TABLES[device] = torch.stack([t[codes & 0xF], t[codes >> 4]], dim=1).to(device)
+    return _PAIR_TABLES[device]
+
+
+def dequant_fp8(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """FP8 E4M3 weight [out, in] with one scale per 128x128 block -> BF16 [out, in].
+
+    `w` may be a row slice starting at a multiple of 128; `s` then holds that slice's scale rows.
+    """
+    out, inp = w.shape
+    x = w.view(torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
+    scale = scale_to_f32(s)
+    scale = scale.repeat_interleave(FP8_BLOCK, 0)[:out].repeat_interleave(FP8_BLOCK, 1)[:, :inp]
+    return (x * scale).to(torch.bfloat16)
+
+
+def unpack_fp4(w: torch.Tensor) -> torch.Tensor:
+    """Packed E2M1 bytes [out, in/2] -> fp32 values [out, in] (low nibble = even column)."""
+    out, half = w.shape
+    table = _pair_table(w.device)
+    return table[w.view(torch.uint8).to(torch.int32)].reshape(out, half * 2)
+
+
+def dequant_fp4(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Packed FP4 weight [out, in/2] with one E8M0 scale per 32 inputs -> BF16 [out, in]."""
+    v = unpack_fp4(w)
+    out, inp = v.shape
+    scale = scale_to_f32(s).reshape(out, inp // FP4_GROUP, 1)
+    return (v.reshape(out, inp // FP4_GROUP, FP4_GROUP) * scale).reshape(out, inp).to(torch.bfloat16)

@@ -1,0 +1,188 @@
+"""safetensors files read and written as bytes: headers, byte ranges, streaming shard writes.
+
+Reading goes through the header and file offsets only, so a validation pass over a 64-shard
+release touches a few kilobytes per shard. Writing streams tensors in order into a temporary
+file that is renamed when complete, so a shard on disk is either whole or absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .format import DTYPE_SIZE, FormatError
+
+INDEX_NAME = "model.safetensors.index.json"
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+COPY_CHUNK = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute file offset of the first byte
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class ShardHeader:
+    path: Path
+    tensors: dict[str, TensorEntry]
+    metadata: dict | None
+    file_size: int
+
+
+def read_header(path: str | Path) -> ShardHeader:
+    """Parse and check one shard's header: sizes, offsets and dtypes, without reading data."""
+    path = Path(path)
+    shard = path.name
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise FormatError(f"shard {shard}: file is missing ({path})") from None
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise FormatError(f"shard {shard}: truncated header ({size} bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER or 8 + n > size:
+            raise FormatError(f"shard {shard}: corrupt header (declares {n} header bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatError(f"shard {shard}: corrupt header ({e})") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"shard {shard}: corrupt header (not a JSON object)")
+    metadata = header.pop("__metadata__", None)
+    base = 8 + n
+    tensors: dict[str, TensorEntry] = {}
+    spans = []
+    for name, h in header.items():
+        try:
+            dtype, shape, (b, e) = h["dtype"], tuple(int(x) for x in h["shape"]), h["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"shard {shard}: tensor {name}: corrupt header entry {h!r}") from None
+        if dtype not in DTYPE_SIZE:
+            raise FormatError(f"shard {shard}: tensor {name}: unknown dtype {dtype}")
+        if e - b != math.prod(shape) * DTYPE_SIZE[dtype] or b < 0:
+            raise FormatError(f"shard {shard}: tensor {name}: byte range {b}..{e} does not match {dtype}{list(shape)}")
+        tensors[name] = TensorEntry(name, dtype, shape, base + b, base + e)
+        spans.append((b, e, name))
+    spans.sort()
+    end = 0
+    for b, e, name in spans:
+        if b != end:
+            raise FormatError(f"shard {shard}: tensor {name}: data starts at {b}, expected {end} (gap or overlap)")
+        end = e
+    if base + end != size:
+        what = "truncated" if base + end > size else "has trailing bytes"
+        raise FormatError(f"shard {shard}: {what} (header says {base + end} bytes, file has {size})")
+    return ShardHeader(path, tensors, metadata, size)
+
+
+def read_index(directory: str | Path) -> dict:
+    path = Path(directory) / INDEX_NAME
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: missing (a sharded checkpoint needs its index)") from None
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: corrupt JSON ({e})") from None
+    if "weight_map" not in index:
+        raise FormatError(f"{path}: no weight_map")
+    return index
+
+
+def read_range(path: Path, start: int, nbytes: int) -> bytearray:
+    buf = bytearray(nbytes)
+    with open(path, "rb") as f:
+        f.seek(start)
+        if f.readinto(buf) != nbytes:
+            raise FormatError(f"shard {path.name}: short read at offset {start}")
+    return buf
+
+
+def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None) -> bytes:
+    """safetensors header bytes for tensors stored back to back in the given order."""
+    header: dict = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    offset = 0
+    for name, dtype, shape in entries:
+        n = math.prod(shape) * DTYPE_SIZE[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardWriter:
+    """Write one shard tensor by tensor into `<name>.partial`, hashing as it goes.
+
+    `finish()` checks every declared byte was written, fsyncs and renames into place; anything
+    else (an exception, a kill) leaves only the `.partial` file, which no reader takes for a shard.
+    """
+
+    def __init__(self, path: str | Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".partial")
+        header = encode_header(entries, metadata)
+        self.expected = len(header) + sum(math.prod(s) * DTYPE_SIZE[d] for _, d, s in entries)
+        self.hash = hashlib.sha256()
+        self.f = open(self.tmp, "wb")
+        self.written = 0
+        self.write(header)
+
+    def write(self, data) -> None:
+        mv = memoryview(data).cast("B")
+        self.f.write(mv)
+        self.hash.update(mv)
+        self.written += mv.nbytes
+
+    def copy_range(self, src: Path, start: int, nbytes: int) -> None:
+        """Copy bytes from another file unchanged, in bounded chunks."""
+        with open(src, "rb") as f:
+            f.seek(start)
+            left = nbytes
+            while left:
+                chunk = f.read(min(COPY_CHUNK, left))
+                if not chunk:
+                    raise FormatError(f"shard {src.name}: short read at offset {start + nbytes - left}")
+                self.write(chunk)
+                left -= len(chunk)
+
+    def finish(self) -> tuple[int, str]:
+        if self.written != self.expected:
+            self.abort()
+            raise RuntimeError(f"{self.path.name}: wrote {self.written} bytes, header declares {self.expected}")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        return self.written, self.hash.hexdigest()
+
+    def abort(self) -> None:
+        if not self.f.closed:
+            self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(COPY_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
