@@ -1,0 +1,58 @@
+"""Run parameters: one YAML file per target, one section per step.
+
+Sections: `name`, `tiny` (build the source checkpoint when it is missing), `dequant` (01),
+`quantize` (02), `export` (03), `inspect` (04). Each section's keys are the parameters of that
+step's notebook and library call, so the same file drives papermill, the CLI and the tests.
+`${VAR}` and `~` in string values are expanded from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+SECTIONS = ("name", "tiny", "dequant", "quantize", "export", "inspect")
+
+
+class ParamsError(ValueError):
+    """A params file that names an unknown section or key, or a value a step refuses."""
+
+
+def _expand(v):
+    if isinstance(v, str):
+        return os.path.expanduser(os.path.expandvars(v))
+    if isinstance(v, dict):
+        return {k: _expand(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_expand(x) for x in v]
+    return v
+
+
+def load_params(path: str | Path) -> dict:
+    """Read a params file and refuse unknown sections."""
+    path = Path(path)
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ParamsError(f"{path}: unknown section(s) {unknown}; known: {list(SECTIONS)}")
+    out = _expand(raw)
+    out.setdefault("name", path.stem)
+    out["_path"] = str(path)
+    return out
+
+
+def section(params: dict, name: str, defaults: dict | None = None) -> dict:
+    """One step's parameters, with defaults filled and unknown keys refused."""
+    got = dict(params.get(name) or {})
+    if defaults is not None:
+        unknown = sorted(set(got) - set(defaults))
+        if unknown:
+            raise ParamsError(f"{params.get('_path', 'params')}: section {name!r} has unknown key(s) {unknown}; "
+                              f"known: {sorted(defaults)}")
+        got = {**defaults, **got}
+    return got
