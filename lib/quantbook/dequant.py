@@ -50,8 +50,12 @@ def dequant_fp8(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     out, inp = w.shape
     x = w.view(torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
     scale = scale_to_f32(s)
-    scale = scale.repeat_interleave(FP8_BLOCK, 0)[:out].repeat_interleave(FP8_BLOCK, 1)[:, :inp]
-    return (x * scale).to(torch.bfloat16)
+    if out % FP8_BLOCK == 0 and inp % FP8_BLOCK == 0:  # every V4 weight: broadcast, no expanded copy
+        blocks = x.view(out // FP8_BLOCK, FP8_BLOCK, inp // FP8_BLOCK, FP8_BLOCK)
+        blocks.mul_(scale[: out // FP8_BLOCK, None, :, None])
+    else:
+        x.mul_(scale.repeat_interleave(FP8_BLOCK, 0)[:out].repeat_interleave(FP8_BLOCK, 1)[:, :inp])
+    return x.to(torch.bfloat16)
 
 
 def unpack_fp4(w: torch.Tensor) -> torch.Tensor:
@@ -65,5 +69,5 @@ def dequant_fp4(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """Packed FP4 weight [out, in/2] with one E8M0 scale per 32 inputs -> BF16 [out, in]."""
     v = unpack_fp4(w)
     out, inp = v.shape
-    scale = scale_to_f32(s).reshape(out, inp // FP4_GROUP, 1)
-    return (v.reshape(out, inp // FP4_GROUP, FP4_GROUP) * scale).reshape(out, inp).to(torch.bfloat16)
+    v.view(out, inp // FP4_GROUP, FP4_GROUP).mul_(scale_to_f32(s).reshape(out, inp // FP4_GROUP, 1))
+    return v.to(torch.bfloat16)

@@ -108,6 +108,22 @@ def _tensors(group: list[TensorSpec], gen: torch.Generator, config: dict):
             yield spec, _plain(spec, gen, config)
 
 
+def random_code_tensors(group: list[TensorSpec], gen: torch.Generator, config: dict):
+    """Like `_tensors`, but quantized weights are random valid codes (no NaN codes) with scales
+    near 2^-6: fast enough for multi-GB benchmark checkpoints with real layer shapes."""
+    for spec in group:
+        if spec.kind == FP8_WEIGHT:
+            codes = torch.randint(0, 0x7F, spec.shape, generator=gen, dtype=torch.uint8)  # 0x7F is NaN
+            sign = torch.randint(0, 2, spec.shape, generator=gen, dtype=torch.uint8) << 7
+            yield spec, codes | sign
+        elif spec.kind == FP4_WEIGHT:
+            yield spec, torch.randint(0, 256, spec.shape, generator=gen, dtype=torch.uint8)
+        elif spec.kind == SCALE:
+            yield spec, torch.randint(118, 124, spec.shape, generator=gen, dtype=torch.uint8)
+        else:
+            yield spec, _plain(spec, gen, config)
+
+
 def write_tokenizer(out: Path, vocab_size: int) -> None:
     """A byte-level BPE tokenizer (no merges) with the release's BOS/EOS ids 0 and 1."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
