@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from quantbook.dequant import dequant_fp4, dequant_fp8
+from quantbook.dequant import dequant_fp4, dequant_fp4_formula, dequant_fp8, dequant_fp8_formula
 from quantbook.format import FP4_WEIGHT, FP8_WEIGHT, expected_tensors, load_config
 from quantbook.shards import read_index
 from reference import fp4_reference, fp8_reference, same_bits
@@ -15,12 +15,17 @@ def _bits(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.int16).numpy().view(np.uint16)
 
 
-def test_all_e4m3_codes_times_every_e8m0_scale():
+FP8_ROUTES = {"table": dequant_fp8, "formula": dequant_fp8_formula}
+FP4_ROUTES = {"table": dequant_fp4, "formula": dequant_fp4_formula}
+
+
+@pytest.mark.parametrize("route", sorted(FP8_ROUTES))
+def test_all_e4m3_codes_times_every_e8m0_scale(route):
     codes = np.arange(256, dtype=np.uint8)
     w = np.tile(codes, (128, 1))  # 128 rows: one scale block tall, 256 columns: two blocks wide
     for lo in range(0, 256, 2):
         s = np.array([[lo, lo + 1]], dtype=np.uint8)  # covers 0..255, 255 = NaN scale
-        got = _bits(dequant_fp8(torch.from_numpy(w), torch.from_numpy(s)))
+        got = _bits(FP8_ROUTES[route](torch.from_numpy(w), torch.from_numpy(s)))
         want = fp8_reference(w, s)
         assert same_bits(got, want), f"E8M0 scales {lo},{lo + 1}"
 
@@ -32,22 +37,32 @@ def test_nan_codes_are_nan_and_counted():
     assert _bits(out)[0, 3] == 0x8000  # E4M3 -0 stays -0
 
 
-def test_all_fp4_bytes_and_plus_zero_for_nibble_8():
+@pytest.mark.parametrize("route", sorted(FP4_ROUTES))
+def test_all_fp4_bytes_times_every_scale_and_plus_zero_for_nibble_8(route):
     w = np.arange(256, dtype=np.uint8).reshape(8, 32)  # every byte, 64 values a row
-    for k in (0, 1, 60, 127, 200, 254):
+    for k in range(256):
         s = np.full((8, 2), k, dtype=np.uint8)
-        got = _bits(dequant_fp4(torch.from_numpy(w), torch.from_numpy(s)))
+        got = _bits(FP4_ROUTES[route](torch.from_numpy(w), torch.from_numpy(s)))
         assert same_bits(got, fp4_reference(w, s)), f"scale byte {k}"
-    zero8 = dequant_fp4(torch.tensor([[0x88] * 16], dtype=torch.uint8), torch.tensor([[127]], dtype=torch.uint8))
+    zero8 = FP4_ROUTES[route](torch.tensor([[0x88] * 16], dtype=torch.uint8), torch.tensor([[127]], dtype=torch.uint8))
     assert (_bits(zero8) == 0).all()  # +0.0, not -0.0
 
 
-def test_ragged_fp8_blocks():
+@pytest.mark.parametrize("route", sorted(FP8_ROUTES))
+def test_ragged_fp8_blocks(route):
     rng = np.random.default_rng(1)
     w = rng.integers(0, 0x7F, size=(200, 300), dtype=np.uint8)
     s = rng.integers(100, 140, size=(2, 3), dtype=np.uint8)
-    got = _bits(dequant_fp8(torch.from_numpy(w), torch.from_numpy(s)))
+    got = _bits(FP8_ROUTES[route](torch.from_numpy(w), torch.from_numpy(s)))
     assert same_bits(got, fp8_reference(w, s))
+
+
+def test_fp32_scales_take_the_formula_route():
+    """V4 base models store fp32 scales: still exact (value x scale, then one rounding)."""
+    w = torch.arange(256, dtype=torch.uint8).reshape(2, 128).repeat(64, 1)
+    s = torch.tensor([[0.015625]], dtype=torch.float32)
+    got = _bits(dequant_fp8(w, s))
+    assert same_bits(got, fp8_reference(w.numpy(), np.array([[121]], dtype=np.uint8)))  # 2^-6 as E8M0
 
 
 @pytest.mark.parametrize("like", ["flash", "pro"])

@@ -25,19 +25,19 @@ def cmd_make_tiny(a) -> int:
 
 
 def cmd_dequant(a) -> int:
-    from .convert import accounting_rows, check_destination, format_table, plan, run
+    from .convert import accounting_rows, check_destination, format_table, plan, plan_summary, run
 
     p = plan(a.src, a.dst)
     check_destination(p)
-    print(f"plan: {len(p.shards)} shards, {p.bytes_in / 2**30:.3f} GiB in -> {p.bytes_out / 2**30:.3f} GiB BF16 out")
+    print(format_table(plan_summary(p, a.workers, a.chunk_elems)))
     acct = run(p, workers=a.workers, device=a.device, chunk_elems=a.chunk_elems)
     print(format_table(accounting_rows(acct)))
     print(f"scales consumed: {acct['scales_consumed']:,}; FP8 weights: {acct['fp8_weights']:,}; "
           f"FP4 weights: {acct['fp4_weights']:,}; shards written {acct['shards_written']}, "
           f"skipped (already complete) {acct['shards_skipped']}")
-    if acct["nan_values"]:
-        print(f"WARNING: NaN values in {len(acct['nan_values'])} tensors: "
-              f"{json.dumps(dict(list(acct['nan_values'].items())[:10]))}", file=sys.stderr)
+    if acct["nonfinite_values"]:
+        print(f"WARNING: non-finite values in {len(acct['nonfinite_values'])} tensors: "
+              f"{json.dumps(dict(list(acct['nonfinite_values'].items())[:10]))}", file=sys.stderr)
         return 3
     return 0
 
@@ -71,6 +71,73 @@ def cmd_runs(a) -> int:
 
     rows = list_runs(a.runs_dir)
     print(json.dumps(rows, indent=2) if a.json else format_runs(rows))
+    return 0
+
+
+def cmd_verify(a) -> int:
+    from .verify import exit_code, format_table, verify, write_result
+
+    result = verify(a.export, source=a.source, reference=a.reference, sample=a.sample, workers=a.workers)
+    run_dir = Path(a.run_dir) if a.run_dir else Path("runs") / f"verify-{Path(a.export).resolve().name}"
+    paths = write_result(result, run_dir)
+    print(format_table(result))
+    print(f"written: {', '.join(map(str, paths))}")
+    return exit_code(result)
+
+
+def cmd_export(a) -> int:
+    from .params import ParamsError
+    from .recover import RecoverError, export_only, format_validation, validate_only
+    from .state import StateError
+
+    try:
+        if a.validate_only:
+            v, code = validate_only(a.params, a.run_dir)
+            print(format_validation(v))
+            return code
+        rec, code = export_only(a.params, a.run_dir)
+    except (ParamsError, RecoverError, StateError) as e:
+        print(f"quantbook export: error: {e}", file=sys.stderr)
+        return 2
+    print(rec["verify_table"])
+    print(f"{rec['verdict'].upper()}: {rec['verify_summary']} (records in {rec['run_dir']})")
+    return code
+
+
+def cmd_quantize(a) -> int:
+    import time
+
+    from .drivers import QuantizeError, quantize
+    from .params import ParamsError, load_params
+    from .patches import PatchError
+    from .state import AmaxError, StaleCheckpoint, StateError
+
+    params = load_params(a.params)
+    run_id = a.run_id or time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(a.runs_dir) / run_id
+    print(f"quantize: run {run_id} -> {run_dir} (rerun with --run-id {run_id} to resume a layerwise calibration)")
+    try:
+        rec = quantize(params.get("quantize") or {}, run_dir)
+    except (ParamsError, QuantizeError, PatchError, StaleCheckpoint, StateError, AmaxError) as e:
+        print(f"quantbook quantize: error: {e}", file=sys.stderr)
+        return 2
+    cov = rec.get("expert_coverage") or {}
+    print(f"{rec['status']}: export {rec['export']['dir']}; state {run_dir / 'state'}; "
+          f"amax repaired: {len(rec.get('post_calibration', {}).get('amax_repairs', []))}; "
+          f"experts never routed: {cov.get('experts_never_routed')}")
+    return 0
+
+
+def cmd_calib_data(a) -> int:
+    from .calib import CalibDataError, write_calib_jsonl
+
+    try:
+        r = write_calib_jsonl(a.out, source=a.source, chunk_chars=a.chunk_chars, archive=a.archive, force=a.force)
+    except CalibDataError as e:
+        print(f"quantbook calib-data: error: {e}", file=sys.stderr)
+        return 2
+    what = "exists, left as is" if r["skipped"] else f"written from {r['requirement']} ({r['license']})"
+    print(f"{r['path']}: {r['samples']} samples, {r['chars']:,} characters; {what}")
     return 0
 
 
@@ -109,6 +176,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_runs)
+    p = sub.add_parser("verify", help="check an export: the V4 serving layout's checklist, numbers, verdict")
+    p.add_argument("export")
+    p.add_argument("--source", default=None, help="the release (FP8/FP4) the export was built from: byte checks")
+    p.add_argument("--reference", default=None, help="the BF16 checkpoint (step 01): numeric check of every expert")
+    p.add_argument("--run-dir", default=None, help="where verify.json/verify.md go (default runs/verify-<export>)")
+    p.add_argument("--sample", type=int, default=None, help="numeric check on N expert tensors only (default all)")
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("export", help="step 03: export from a run's saved amax/state (no recalibration), then verify")
+    p.add_argument("params", help="params YAML (its export: section)")
+    p.add_argument("--run-dir", default=None, help="the run directory of step 02 (default runs/<params name>)")
+    p.add_argument("--validate-only", action="store_true",
+                   help="check the saved state without loading the model or writing anything")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("quantize", help="step 02: calibrate with modelopt and export (driver from params)")
+    p.add_argument("params", help="params YAML (its quantize: section)")
+    p.add_argument("--run-id", default=None, help="run directory name under --runs-dir (default: a timestamp); "
+                   "the same id resumes a killed layerwise calibration")
+    p.add_argument("--runs-dir", default="runs")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("calib-data", help="write calibration text (JSONL) from a PyPI package's test data")
+    p.add_argument("out", help="the .jsonl file to write (left alone when it exists)")
+    p.add_argument("--source", default="brotli", choices=["brotli", "gensim"],
+                   help="brotli: public-domain books (brotli==1.2.1 sdist); gensim: an English Wikipedia "
+                        "sample (gensim==4.4.0 wheel)")
+    p.add_argument("--chunk-chars", type=int, default=2000, help="characters per sample (paragraphs joined)")
+    p.add_argument("--archive", default=None, help="an already downloaded sdist/wheel of the source (offline)")
+    p.add_argument("--force", action="store_true", help="rewrite an existing file")
+    p.set_defaults(func=cmd_calib_data)
     return ap
 
 

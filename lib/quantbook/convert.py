@@ -3,7 +3,7 @@
 plan() reads every header and the index and refuses anything outside the V4 format before a
 byte is written; check_destination() refuses a destination that would mix runs or not fit;
 run() converts shard by shard in parallel, each shard streamed in bounded chunks into a
-temporary file that is renamed when whole and then recorded (size, sha256) in the manifest.
+temporary file that is renamed when whole and then recorded (size, xxh3-128) in the manifest.
 A rerun skips recorded shards whose bytes still hash the same, so an interrupted run resumed
 gives the same bytes as an uninterrupted one.
 
@@ -36,7 +36,7 @@ from .format import (
     DTYPE_SIZE, FP4_WEIGHT, FP8_BLOCK, FP8_WEIGHT, SCALE, FormatError, TensorSpec, bf16_config,
     dequant_shape, expected_tensors, load_config, scale_of_weight, weight_of_scale,
 )
-from .shards import INDEX_NAME, ShardWriter, TensorEntry, file_sha256, read_header, read_index, read_range
+from .shards import HASH, INDEX_NAME, ShardWriter, TensorEntry, file_digest, read_header, read_index, read_range
 
 MANIFEST = "quantbook-dequant.json"
 DEFAULT_CHUNK_ELEMS = 4 * 1024 * 1024
@@ -233,8 +233,19 @@ def _scale_dtype(entry: TensorEntry) -> torch.dtype:
     return torch.float32 if entry.dtype == "F32" else torch.uint8
 
 
+def _nonfinite(kind: str, w: torch.Tensor, s: torch.Tensor, out: torch.Tensor) -> int:
+    """Non-finite outputs of a chunk, cheaply: with E8M0 scales below 2^120 (V4 uses ~2^-10),
+    only NaN codes (E4M3 S.1111.111) can give NaN or inf, so the 1-byte input is scanned
+    instead of the 2-byte output. Anything else is counted on the output itself."""
+    if s.dtype == torch.uint8 and int(s.max()) < 247:
+        if kind == FP4_WEIGHT:
+            return 0
+        return int(((w & 0x7F) == 0x7F).sum())
+    return int((~torch.isfinite(out)).sum())
+
+
 def _dequant_op(op: Op, writer: ShardWriter, device: str, chunk_elems: int) -> int:
-    """Dequantize one weight in row chunks, writing as it goes; returns the count of NaN outputs."""
+    """Dequantize one weight in row chunks, writing as it goes; returns the count of non-finite outputs."""
     rows, cols = op.out_shape
     step = max(1, chunk_elems // max(cols, 1))
     if op.kind == FP8_WEIGHT:
@@ -250,14 +261,14 @@ def _dequant_op(op: Op, writer: ShardWriter, device: str, chunk_elems: int) -> i
         else:
             s = _read_tensor_rows(op.scale_shard, op.scale, r0, r1, _scale_dtype(op.scale)).to(device)
             out = dequant_fp4(w, s)
-        nans += int(torch.isnan(out).sum())
+        nans += _nonfinite(op.kind, w, s, out)
         writer.write(out.cpu().view(torch.int16).numpy())
     return nans
 
 
 def convert_shard(sp: ShardPlan, dst: Path, device: str = "cpu", chunk_elems: int = DEFAULT_CHUNK_ELEMS,
                   on_bytes=None) -> dict:
-    """Write one output shard atomically; returns its size, sha256 and any NaN counts."""
+    """Write one output shard atomically; returns its size, digest and any non-finite counts."""
     entries = [(o.out_name, o.out_dtype, o.out_shape) for o in sp.ops]
     writer = ShardWriter(dst / sp.name, entries, metadata={"format": "pt"})
     nans = {}
@@ -272,16 +283,16 @@ def convert_shard(sp: ShardPlan, dst: Path, device: str = "cpu", chunk_elems: in
                 writer.copy_range(op.src_shard, op.src.start, op.src.nbytes)
             if on_bytes:
                 on_bytes(writer.written - before)
-        size, sha = writer.finish()
+        size, digest = writer.finish()
     except BaseException:
         writer.abort()
         raise
-    return {"size": size, "sha256": sha, "nan_values": nans}
+    return {"size": size, HASH: digest, "nonfinite_values": nans}
 
 
 def _verified(dst: Path, name: str, rec: dict) -> bool:
     path = dst / name
-    return path.exists() and path.stat().st_size == rec["size"] and file_sha256(path) == rec["sha256"]
+    return path.exists() and path.stat().st_size == rec["size"] and file_digest(path) == rec[HASH]
 
 
 def run(p: Plan, workers: int = 2, device: str = "cpu", chunk_elems: int = DEFAULT_CHUNK_ELEMS,
@@ -332,8 +343,8 @@ def run(p: Plan, workers: int = 2, device: str = "cpu", chunk_elems: int = DEFAU
     weight_map = {o.out_name: sp.name for sp in p.shards for o in sp.ops}
     atomic.write_json(dst / INDEX_NAME, {"metadata": {"total_size": p.bytes_out}, "weight_map": weight_map})
     atomic.write_json(dst / "config.json", bf16_config(p.config))
-    nans = {k: v for r in manifest["shards"].values() for k, v in r.get("nan_values", {}).items()}
-    acct = dict(p.accounting, nan_values=nans, shards_skipped=len(done), shards_written=len(todo))
+    nans = {k: v for r in manifest["shards"].values() for k, v in r.get("nonfinite_values", {}).items()}
+    acct = dict(p.accounting, nonfinite_values=nans, shards_skipped=len(done), shards_written=len(todo))
     reconcile(acct, p.bytes_in, p.bytes_out)
     manifest.update(complete=True, accounting=acct)
     atomic.write_json(dst / MANIFEST, manifest)
@@ -361,11 +372,30 @@ def accounting_rows(acct: dict) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     cols = list(rows[0])
-    width = {c: max(len(c), *(len(f"{r[c]:,}" if isinstance(r[c], int) else str(r[c])) for r in rows)) for c in cols}
-    fmt = lambda v: f"{v:,}" if isinstance(v, int) else str(v)  # noqa: E731
+    fmt = lambda v: ("yes" if v else "NO") if isinstance(v, bool) else f"{v:,}" if isinstance(v, int) else str(v)  # noqa: E731
+    width = {c: max(len(c), *(len(fmt(r[c])) for r in rows)) for c in cols}
     lines = ["  ".join(c.rjust(width[c]) for c in cols)]
     lines += ["  ".join(fmt(r[c]).rjust(width[c]) for c in cols) for r in rows]
     return "\n".join(lines)
+
+
+def plan_summary(p: Plan, workers: int, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> list[dict]:
+    """What the run will do, as rows for the notebook and the CLI: before any byte is written."""
+    manifest = atomic.read_json(p.dst / MANIFEST) or {}
+    done = [s for s in p.shards if s.name in manifest.get("shards", {})]
+    gib = lambda n: f"{n / 2**30:,.3f} GiB"  # noqa: E731
+    return [
+        {"item": "source", "value": str(p.src)},
+        {"item": "destination", "value": str(p.dst)},
+        {"item": "shards", "value": f"{len(p.shards)} ({len(done)} recorded complete by an earlier run)"},
+        {"item": "tensors in / out", "value": f"{sum(r['tensors_in'] for r in p.accounting['by_dtype'].values()):,}"
+                                              f" / {sum(len(s.ops) for s in p.shards):,}"},
+        {"item": "FP8 / FP4 weights to dequantize", "value": f"{p.accounting['fp8_weights']:,} / {p.accounting['fp4_weights']:,}"},
+        {"item": "bytes in", "value": gib(p.bytes_in)},
+        {"item": "bytes out (BF16)", "value": gib(p.bytes_out)},
+        {"item": "free disk at destination", "value": gib(free_disk(p.dst))},
+        {"item": "memory bound", "value": f"{memory_bound(workers, chunk_elems) / 2**20:,.0f} MiB ({workers} workers)"},
+    ]
 
 
 def memory_bound(workers: int, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> int:
