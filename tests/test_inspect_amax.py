@@ -1,0 +1,249 @@
+"""Amax inspection: every injected anomaly is listed by name, in the library and in notebook 04
+executed by papermill through `quantbook run`; V4 Pro scale (~48,000 quantizers) takes seconds."""
+
+import re
+from pathlib import Path
+import time
+
+import matplotlib
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+matplotlib.use("Agg")
+
+from amax_synth import make_snapshot  # noqa: E402
+
+from quantbook import inspect_amax as ia  # noqa: E402
+from quantbook.amax import parse_quantizer  # noqa: E402
+from quantbook.runs import load_manifest, run_chain  # noqa: E402
+
+NB04 = Path(__file__).resolve().parents[1] / "notebooks" / "04_inspect_amax.ipynb"
+L = "model.layers."
+INJECT = {
+    "missing": [f"{L}4.mlp.experts.gate_up_proj_weight_quantizers.3", f"{L}1.self_attn.q_b_proj.input_quantizer"],
+    "zero": [f"{L}2.mlp.experts.down_proj_weight_quantizers.5"],
+    "nan": [f"{L}3.mlp.experts.gate_up_proj_input_quantizer"],
+    "inf": [f"{L}5.self_attn.kv_proj.weight_quantizer"],
+    "negative": [f"{L}0.mlp.shared_experts.up_proj.input_quantizer"],
+    "outlier": [f"{L}5.mlp.experts.down_proj_weight_quantizers.11"],
+    "never_routed": [(0, 2), (4, 9)],
+}
+
+
+def _expected():
+    exp = {(cat, n) for cat, names in INJECT.items() if cat != "never_routed" for n in names}
+    exp |= {("never routed", f"layers.{li}.ffn.experts.{e}") for li, e in INJECT["never_routed"]}
+    return exp
+
+
+@pytest.fixture(scope="module")
+def injected(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inj") / "run"
+    make_snapshot(d, like="pro", layers=6, experts=16, seed=3, inject=INJECT)
+    return d
+
+
+def test_native_names_parse():
+    q = parse_quantizer("layers.7.ffn.experts.12.w3.weight_quantizer")
+    assert (q.kind, q.role, q.layer, q.expert, q.projs, q.native) == (
+        "routed_expert", "weight", 7, 12, ("w3",), "layers.7.ffn.experts.12.w3")
+    q = parse_quantizer("layers.7.ffn.experts.w2.input_quantizer")
+    assert (q.kind, q.role, q.expert, q.projs) == ("routed_expert", "input", None, ("w2",))
+    q = parse_quantizer("model.layers.2.mlp.experts.gate_up_proj_weight_quantizers.3")
+    assert (q.projs, ia.quantizer_group(q.kind, q.projs, q.role)) == (("w1", "w3"), "routed w1+w3")
+
+
+def test_every_injected_anomaly_is_listed(injected):
+    run = ia.load_run(injected)
+    assert run.num_hash_layers == 3 and run.hash_source == "snapshot metadata" and run.quantizer_list
+    anom = ia.anomalies(run, outlier_factor=8.0)
+    got = set(zip(anom["category"].astype(str), anom["name"]))
+    assert got == _expected()  # each one, and nothing else on clean random values
+    row = anom[anom["category"] == "outlier"].iloc[0]
+    assert "median" in row["detail"] and "routed w2 per expert" in row["detail"] and row["value"] > 1
+    assert anom.loc[anom["category"] == "negative", "value"].iloc[0] < 0
+    nr = anom[anom["category"] == "never routed"]
+    assert list(nr["layer_group"]) == ["hash-routed", "score-routed"]
+    s = ia.summary(run).set_index(["group", "role"])
+    assert s.loc[("routed w1+w3", "weight"), "missing"] == 1 and s.loc[("attention", "input"), "missing"] == 1
+    assert s.loc[("routed w1+w3", "input"), "nan"] == 1 and s.loc[("routed w2", "weight"), "zero"] == 1
+    assert s.loc[("routed w2", "weight"), "quantizers"] == 6 * 16
+
+
+def test_missing_without_quantizer_list_is_inferred_for_experts(tmp_path):
+    make_snapshot(tmp_path, like="pro", layers=4, experts=8, inject={
+        "missing": [f"{L}2.mlp.experts.down_proj_weight_quantizers.6", f"{L}3.mlp.experts.down_proj_input_quantizer",
+                    f"{L}1.self_attn.q_a_proj.weight_quantizer"]}, list_quantizers=False, hash_in_meta=False)
+    run = ia.load_run(tmp_path, num_hash_layers=2)
+    assert run.hash_source == "parameter num_hash_layers"
+    missing = set(ia.anomalies(run).query("category == 'missing'")["name"])
+    # experts are implied by their siblings; an attention quantizer absent everywhere is not (said in notes)
+    assert missing == {f"{L}2.mlp.experts.down_proj_weight_quantizers.6", f"{L}3.mlp.experts.down_proj_input_quantizer"}
+    assert any("lists no enabled quantizers" in n for n in run.notes)
+    assert ia.load_run(tmp_path).num_hash_layers is None  # unknown, and said so
+    assert "unknown" in ia.load_run(tmp_path).hash_source
+
+
+def test_step_02_metadata(tmp_path):
+    """What state.post_calibration writes: a count of quantizers, its own pre-repair findings by
+    name, the model path (whose config.json gives num_hash_layers)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"num_hash_layers": 2}')
+    gone = f"{L}1.self_attn.kv_proj.input_quantizer"
+    make_snapshot(tmp_path / "run", like="pro", layers=4, experts=8, list_quantizers=False, hash_in_meta=False,
+                  inject={"missing": [gone]}, meta_extra={"quantizers": 123, "model_path": str(model),
+                                                          "amax_problems_before_repair": {gone: "missing"}})
+    run = ia.load_run(tmp_path / "run")
+    assert (run.num_hash_layers, run.hash_source) == (2, str(model / "config.json"))
+    assert list(ia.anomalies(run).query("category == 'missing'")["name"]) == [gone]
+
+
+def test_w13_ratio_separate_and_fused(tmp_path, injected):
+    make_snapshot(tmp_path, like="pro", layers=4, experts=8, native_w13=True, inject={"w13": [(2, 5, 3.0)]})
+    run = ia.load_run(tmp_path)
+    ratios, note = ia.w13_ratios(run)
+    sep = ratios[~ratios["fused"].astype(bool)]
+    assert (sep["role"] == "weight").sum() == 4 * 8 and (sep["role"] == "input").sum() == 4  # shared inputs
+    assert "separate w1 and w3" in note
+    sep = sep[sep["role"] == "weight"]
+    assert sep.set_index(["layer", "expert"]).loc[(2, 5), "ratio"] == pytest.approx(3.0, rel=1e-6)
+    anom = ia.anomalies(run, w13_ratio_threshold=2.0)
+    assert list(anom.loc[anom["category"] == "w1/w3 ratio", "native"]) == ["layers.2.ffn.experts.5.w1/w3"]
+    fused, note = ia.w13_ratios(ia.load_run(injected))
+    assert fused["fused"].all() and (fused["ratio"] == 1.0).all() and "by construction" in note
+
+
+def test_diff_runs(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_snapshot(a, like="pro", layers=4, experts=8, seed=5)
+    moved = [f"{L}1.mlp.experts.gate_up_proj_weight_quantizers.2", f"{L}3.self_attn.o_b_proj.input_quantizer"]
+    make_snapshot(b, like="pro", layers=4, experts=8, seed=5,
+                  inject={"outlier": moved, "missing": [f"{L}0.self_attn.q_a_proj.input_quantizer"]})
+    d = ia.diff_runs(ia.load_run(a), ia.load_run(b), moved_threshold=0.05)
+    assert set(d.loc[d["status"] == "moved", "name"]) == set(moved)
+    assert d.loc[d["status"] == "moved", "ratio"].tolist() == pytest.approx([50.0, 50.0], rel=1e-5)
+    assert list(d.loc[d["status"] == "only in A", "name"]) == [f"{L}0.self_attn.q_a_proj.input_quantizer"]
+    back = ia.diff_runs(ia.load_run(b), ia.load_run(a))
+    only_b = back[back["status"] == "only in B"]
+    assert list(only_b["name"]) == [f"{L}0.self_attn.q_a_proj.input_quantizer"]
+    assert list(only_b[["group", "role", "layer"]].iloc[0]) == ["attention", "input", 0]
+    s = ia.diff_summary(d).set_index(["group", "role"])
+    assert s.loc[("routed w1+w3", "weight"), "moved"] == 1 and s.loc[("attention", "input"), "only in A"] == 1
+    assert ia.plot_diff(d) is not None
+
+
+def test_figures_and_explorer(injected):
+    import matplotlib.pyplot as plt
+
+    run = ia.load_run(injected)
+    fig = ia.plot_histograms(run)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[:4] == list(ia.HIST_GROUPS)
+    assert [ax.get_ylabel().split("\n")[0] for ax in fig.axes[::4]] == ["hash-routed", "score-routed"]
+    assert ia.plot_layer_profile(run) is not None
+    fig = ia.plot_token_counts(run)
+    assert "never routed in red: 2 of 96" in fig.axes[0].get_title()
+    box = ia.explorer(run)
+    layer_w, proj_w, expert_w = box.children[0].children
+    layer_w.value = 4
+    assert all(o.startswith(("attention", "compressor", "indexer", "routed", "shared")) for o in proj_w.options)
+    proj_w.value = next(o for o in proj_w.options if o.startswith("routed w2"))
+    expert_w.value = 9
+    plt.close("all")
+
+
+def _outputs_text(nb) -> str:
+    parts = []
+    for c in nb.cells:
+        for o in c.get("outputs", []):
+            parts.append(o.get("text", ""))
+            parts.append(o.get("data", {}).get("text/html", ""))
+            parts.append(o.get("data", {}).get("text/plain", ""))
+    return "\n".join(parts)
+
+
+def test_notebook_04_lists_each_anomaly_through_the_chain(injected, tmp_path):
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump({"name": "insp", "inspect": {"outlier_factor": 8.0, "fail_on": []}}))
+    runs = injected.parent
+    from quantbook.memory import MemorySampler
+
+    with MemorySampler(injected, step="02_quantize", interval=0.05) as mem:  # what steps 01-03 leave
+        with mem.phase("calibrate"):
+            time.sleep(0.2)
+    m = run_chain(params, steps=["04"], run_id=injected.name, runs_dir=runs, progress=False, echo=lambda s: None)
+    assert m["steps"]["04_inspect_amax"]["status"] == "complete"
+    nb = nbformat.read(str(injected / "04_inspect_amax.ipynb"), 4)
+    text = _outputs_text(nb)
+    for cat, name in _expected():
+        assert name in text, (cat, name)
+    csv = pd.read_csv(injected / "amax_anomalies.csv", keep_default_na=False)
+    assert set(zip(csv["category"], csv["name"])) == _expected()
+    assert "hash-routed layers: 3 (from snapshot metadata)" in text
+    pngs = [o["data"]["image/png"] for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(pngs) == 4  # histograms, layer profile, token heat map, memory timeline
+    assert "no memory.csv" not in text and "no second run given" in text
+    html = (injected / "04_inspect_amax.html").read_text()
+    assert all(p.strip()[:200] in html for p in pngs)  # every static figure is in the HTML copy
+
+    # fail_on turns chosen categories into a failed step that names them
+    params.write_text(yaml.safe_dump({"name": "insp", "inspect": {"fail_on": ["nan", "missing"]}}))
+    from quantbook.runs import StepFailed
+
+    with pytest.raises(StepFailed, match=r"RuntimeError: amax anomalies in \['missing', 'nan'\]"):
+        run_chain(params, steps=["04"], run_id=injected.name, runs_dir=runs, redo=["04"], progress=False,
+                  echo=lambda s: None)
+    assert load_manifest(injected)["steps"]["04_inspect_amax"]["status"] == "failed"
+
+
+def test_v4_pro_scale_in_seconds(tmp_path):
+    """~48,000 quantizers (61 layers x 384 experts): library path and the notebook, timed."""
+    import matplotlib.pyplot as plt
+    import papermill as pm
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    facts = make_snapshot(a, like="pro", seed=7, inject={"never_routed": [(1, 100)]})
+    moved = [f"{L}30.mlp.experts.down_proj_weight_quantizers.200"]
+    make_snapshot(b, like="pro", seed=7, inject={"outlier": moved})
+    assert len(facts["names"]) > 48_000
+
+    t0 = time.perf_counter()
+    run = ia.load_run(a)
+    t_load = time.perf_counter() - t0
+    ia.summary(run), ia.anomalies(run), ia.w13_ratios(run)
+    for fn in (ia.plot_histograms, ia.plot_layer_profile, ia.plot_token_counts):
+        fn(run).savefig(tmp_path / "f.png", dpi=80)
+        plt.close("all")
+    t_lib = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    out = tmp_path / "out.ipynb"
+    pm.execute_notebook(str(NB04), str(out), kernel_name="python3", progress_bar=False,
+                        parameters={"run_dir": str(a), "compare_run_dir": str(b)})
+    t_nb = time.perf_counter() - t1
+    text = _outputs_text(nbformat.read(str(out), 4))
+    took = float(re.search(r"inspection took ([\d.]+) s for ([\d,]+) quantizers", text).group(1))
+    print(f"\n48k quantizers: load {t_load:.2f} s, library analysis+figures {t_lib:.2f} s, "
+          f"notebook in-kernel {took:.1f} s, papermill wall {t_nb:.1f} s")
+    assert f"{len(facts['names']):,} quantizers" in text
+    assert moved[0] in text and "layers.1.ffn.experts.100" in text
+    assert took < 60 and t_lib < 60  # seconds, not minutes, on 2 shared CPU cores
+    assert np.isfinite(took)
+
+
+def test_token_counts_and_repairs_files(tmp_path):
+    (tmp_path / "expert_token_counts.json").write_text(
+        '{"layers.1": [0, 5, 7], "layers.0": [3, 0], "mtp.0": [9, 9, 9]}')
+    counts, layers = ia.load_token_counts(tmp_path / "expert_token_counts.json")
+    assert layers == [0, 1] and counts.tolist() == [[3, 0, -1], [0, 5, 7]]  # -1: no such expert in the file
+    (tmp_path / "quantize.json").write_text('{"status": "done", "post_calibration": {"amax_repairs": ['
+                                            '{"quantizer": "q1", "problem": "zero", "values": [0.0], '
+                                            '"replacement": 4.5, "fallback": "largest of 3"}]}}')
+    rep = ia.load_repairs(tmp_path)
+    assert rep.to_dict("records") == [{"quantizer": "q1", "problem": "zero", "values": [0.0], "replacement": 4.5,
+                                       "fallback": "largest of 3"}]
+    assert ia.load_repairs(tmp_path / "nowhere").empty

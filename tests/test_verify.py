@@ -1,0 +1,260 @@
+"""`quantbook verify`: a good v4-serving export passes; each way an export can be wrong fails the
+check that names it; a generic modelopt export is research-only with its reasons; the numeric
+bound holds for modelopt's NVFP4 and breaks for a wrong one."""
+
+import importlib.util
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckpt_edit import rewrite_shard
+from layout_helpers import calibrate_tiny, native_snapshot
+from quantbook import verify as V
+from quantbook.layout import MANIFEST, Checkpoint, write_serving_layout
+from quantbook.shards import INDEX_NAME
+
+
+@pytest.fixture(scope="module")
+def export(tiny_src, tmp_path_factory):
+    out = tmp_path_factory.mktemp("verify") / "export"
+    write_serving_layout(tiny_src, native_snapshot(tiny_src), out, progress=False)
+    return out
+
+
+def test_good_export_passes_and_is_recorded(export, tiny_src, tiny_bf16, tmp_path):
+    r = V.verify(export, source=tiny_src, reference=tiny_bf16, progress=False)
+    assert r["verdict"] == "pass", r["reasons"]
+    assert [c["status"] for c in r["checks"]] == ["pass"] * 8
+    assert r["numbers"]["tensors"] == 96 and r["numbers"]["max_ratio"] <= 1
+    assert 0.02 < r["numbers"]["rel_rmse_mean"] < 0.15  # NVFP4 on these weights: a few percent
+    j, m = V.write_result(r, tmp_path / "run")
+    assert json.loads(j.read_text())["verdict"] == "pass"
+    assert "**PASS**" in m.read_text() and "| 7 |" in m.read_text()
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+    # without release or reference the byte and number checks are skipped, and say so
+    r = V.verify(export, progress=False)
+    assert r["verdict"] == "pass" and "skipped" in r["summary"]
+    assert {c["id"] for c in r["checks"] if c["status"] == "skip"} == {"1", "5", "7"}
+
+
+def _edit(ck_dir: Path, names: set, fn) -> None:
+    """Apply fn(name, dtype, shape, bytes) -> [name, dtype, shape, bytes] | None to named tensors."""
+    ck = Checkpoint(ck_dir)
+    for shard in sorted({ck.weight_map[n] for n in names}):
+        def edit(items):
+            out = []
+            for name, dtype, shape, b in items:
+                r = fn(name, dtype, shape, b) if name in names else [name, dtype, shape, b]
+                if r is not None:
+                    out.append(r)
+            return out
+        rewrite_shard(ck_dir, shard, edit)
+
+
+def _f32(x: float) -> bytes:
+    return struct.pack("<f", x)
+
+
+def _swap_w1_w3(d):
+    ck = Checkpoint(d)
+    a, b = ck.raw("layers.2.ffn.experts.3.w1.weight"), ck.raw("layers.2.ffn.experts.3.w3.weight")
+    _edit(d, {"layers.2.ffn.experts.3.w1.weight", "layers.2.ffn.experts.3.w3.weight"},
+          lambda n, t, s, _: [n, t, s, bytes(b if n.endswith("w1.weight") else a)])
+
+
+def _swap_nibbles(d):
+    _edit(d, {"layers.1.ffn.experts.0.w2.weight"},
+          lambda n, t, s, b: [n, t, s, bytes(((x & 0xF) << 4) | (x >> 4) for x in b)])
+
+
+def _w3_scale2(d):
+    def f(n, t, s, b):  # the next float32 up
+        (bits,) = struct.unpack("<I", b)
+        return [n, t, s, struct.pack("<I", bits + 1)]
+    _edit(d, {"layers.1.ffn.experts.4.w3.weight_scale_2"}, f)
+
+
+def _input_zero(d):
+    _edit(d, {"layers.0.ffn.experts.0.w2.input_scale"}, lambda n, t, s, b: [n, t, s, _f32(0.0)])
+
+
+def _input_missing(d):
+    _edit(d, {"layers.3.ffn.experts.6.w1.input_scale"}, lambda *a: None)
+
+
+def _inflated_scales(d):  # every block scale at its maximum and every code 0: errors hidden in a huge unit
+    p = "layers.2.ffn.experts.5.w1"
+    _edit(d, {f"{p}.weight", f"{p}.weight_scale"},
+          lambda n, t, s, b: [n, t, s, bytes(len(b)) if n.endswith(".weight") else bytes([0x7E]) * len(b)])
+
+
+def _passthrough_byte(d):
+    _edit(d, {"layers.1.attn.wo_a.weight"}, lambda n, t, s, b: [n, t, s, bytes([b[0] ^ 1]) + b[1:]])
+
+
+def _drop_mtp(d):  # all of mtp.* but one norm (the shard stays)
+    _edit(d, {n for n in Checkpoint(d).weight_map if n.startswith("mtp.") and n != "mtp.0.norm.weight"},
+          lambda *a: None)
+
+
+def _transformers_name(d):
+    _edit(d, {"head.weight"}, lambda n, t, s, b: ["lm_head.weight", t, s, b])
+
+
+def _json_edit(d, name, fn):
+    p = d / name
+    obj = json.loads(p.read_text())
+    fn(obj)
+    p.write_text(json.dumps(obj))
+
+
+def _quant_algo(d):
+    _json_edit(d, "config.json", lambda c: c["quantization_config"].update(quant_algo="NVFP4"))
+
+
+def _expert_dtype(d):
+    _json_edit(d, "config.json", lambda c: c.update(expert_dtype="fp8"))
+
+
+def _ignore_experts(d):
+    def f(c):
+        c["quantization_config"]["ignore"].append("*.ffn.*")
+    _json_edit(d, "config.json", f)
+
+
+def _hf_quant_mismatch(d):
+    _json_edit(d, "hf_quant_config.json", lambda c: c["quantization"].update(exclude_modules=["head"]))
+
+
+def _total_size(d):
+    _json_edit(d, INDEX_NAME, lambda c: c["metadata"].update(total_size=c["metadata"]["total_size"] + 1))
+
+
+def _stray_partial(d):
+    (d / "model-00003-of-00007.safetensors.partial").write_bytes(b"half")
+
+
+def _incomplete(d):
+    _json_edit(d, MANIFEST, lambda c: c.update(complete=False))
+
+
+CORRUPTIONS = {
+    "w1/w3 swapped": (_swap_w1_w3, {"7"}),
+    "nibbles swapped": (_swap_nibbles, {"7"}),
+    "w3 weight_scale_2 one ulp off": (_w3_scale2, {"4"}),
+    "input_scale 0": (_input_zero, {"4"}),
+    "input_scale missing": (_input_missing, {"4"}),
+    "block scales inflated": (_inflated_scales, {"7"}),
+    "pass-through byte flipped": (_passthrough_byte, {"5"}),
+    "mtp dropped": (_drop_mtp, {"5"}),
+    "transformers name": (_transformers_name, {"3", "5"}),
+    "quant_algo NVFP4": (_quant_algo, {"2"}),
+    "expert_dtype fp8": (_expert_dtype, {"1"}),
+    "ignore matches experts": (_ignore_experts, {"2"}),
+    "hf_quant_config differs": (_hf_quant_mismatch, {"2"}),
+    "total_size wrong": (_total_size, {"6"}),
+    "stray partial shard": (_stray_partial, {"6"}),
+    "writer did not finish": (_incomplete, {"8"}),
+    "shard changed after the export": (_input_missing, {"4", "8"}),
+}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_each_defect_fails_its_check(kind, export, tiny_src, tmp_path):
+    damage, failing = CORRUPTIONS[kind]
+    d = tmp_path / "export"
+    shutil.copytree(export, d)
+    if "8" not in failing:  # as if written by another tool: shard sizes then go unchecked by check 8
+        (d / MANIFEST).unlink()
+    damage(d)
+    r = V.verify(d, source=tiny_src, progress=False)
+    assert r["verdict"] == "fail"
+    assert {c["id"] for c in r["checks"] if c["status"] == "fail"} == failing, r["reasons"]
+
+
+@pytest.fixture(scope="module")
+def generic_exports(tiny_bf16, tmp_path_factory):
+    """modelopt's generic export of the tiny model: full NVFP4 and experts-only."""
+    from modelopt.torch.export import export_hf_checkpoint
+
+    out = {}
+    for name, cfg in (("nvfp4", "NVFP4_DEFAULT_CFG"), ("nvfp4_experts_only", "NVFP4_EXPERTS_ONLY_CFG")):
+        d = tmp_path_factory.mktemp("generic") / name
+        export_hf_checkpoint(calibrate_tiny(tiny_bf16, cfg), export_dir=d)
+        out[name] = d
+    return out
+
+
+def test_generic_export_is_research_only_with_reasons(generic_exports, tiny_bf16):
+    r = V.verify(generic_exports["nvfp4"], reference=tiny_bf16, progress=False)
+    assert r["verdict"] == "research-only" and "not loadable by vLLM/SGLang" in r["summary"]
+    text = "\n".join(r["reasons"])
+    for why in ("quant_method is 'modelopt'", "transformers names", "hc_head.hc_fn",
+                "attention projections are NVFP4", "compressor/indexer projections are NVFP4",
+                "norms stored F32", "no mtp.*"):
+        assert why in text, why
+    # the verifier's numbers hold for modelopt's own NVFP4 of attention and experts alike
+    assert r["checks"][0]["status"] == "pass", r["checks"][0]["detail"]
+    assert r["numbers"]["tensors"] > 96 and r["numbers"]["max_ratio"] <= 1
+    r = V.verify(generic_exports["nvfp4_experts_only"], progress=False)
+    text = "\n".join(r["reasons"])
+    assert r["verdict"] == "research-only"
+    assert "wo_a is BF16" in text and "attention projections are NVFP4" not in text
+    assert "Why it is not loadable" in V.format_table(r)
+
+
+def test_cli_exit_codes(export, generic_exports, tiny_src, tmp_path, capsys):
+    from quantbook.cli import main
+
+    assert main(["verify", str(export), "--source", str(tiny_src), "--run-dir", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "verify.json").read_text())["verdict"] == "pass"
+    bad = tmp_path / "bad"
+    shutil.copytree(export, bad)
+    _input_zero(bad)
+    assert main(["verify", str(bad), "--run-dir", str(tmp_path / "b")]) == 1
+    assert main(["verify", str(generic_exports["nvfp4"]), "--run-dir", str(tmp_path / "c")]) == 3
+    assert "RESEARCH-ONLY" in capsys.readouterr().out
+
+
+def test_numeric_bound_holds_for_modelopt_nvfp4_and_catches_errors():
+    """Blocks of every magnitude (E4M3 subnormal and clamped scales, zero blocks) stay within the
+    bound under modelopt's quantizer; a code moved by one step, or a lower weight amax, does not."""
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=gen)
+    mag = torch.logspace(0, -9, 64 * 16, base=10.0).reshape(64, 16, 1)  # 1 down to 1e-9 per block
+    w = (w.reshape(64, 16, 16) * mag).reshape(64, 256)
+    w[3, 32:48] = 0
+    w = w.to(torch.bfloat16)
+    ws2 = (w.float().abs().amax() / (6 * 448)).reshape(())
+    scale = NVFP4QTensor.get_weights_scaling_factor(w, 16, ws2)[0]
+    codes = NVFP4QTensor.quantize(w, 16, scale, ws2)[0]._quantized_data
+    r = V.nvfp4_error(codes, scale, ws2, w)
+    assert r["max_ratio"] <= 1 and r["blocks_over"] == 0 and r["bad_block_scales"] == 0
+    assert r["max_ratio"] > 0.3  # the bound is not loose by orders of magnitude
+    moved = codes.clone()
+    moved[0, 0] = (moved[0, 0] & 0xF0) | ((moved[0, 0] & 0xF) ^ 0x2)  # low nibble moved on the grid
+    assert V.nvfp4_error(moved, scale, ws2, w)["blocks_over"] >= 1
+    small = (ws2 / 4).reshape(())  # weight amax too low: saturation beyond what E4M3 rounding allows
+    scale2 = NVFP4QTensor.get_weights_scaling_factor(w, 16, small)[0]
+    codes2 = NVFP4QTensor.quantize(w, 16, scale2, small)[0]._quantized_data
+    assert V.nvfp4_error(codes2, scale2, small, w)["blocks_over"] >= 1
+
+
+GPU_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_export_check.py"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (modelopt's NVFP4 fake-quant forward)")
+def test_gpu_logits_fake_quant_vs_rebuilt_from_export(tiny_src, tiny_bf16, tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_export_check", GPU_SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    result = mod.run_check(tiny_bf16, tiny_src, tmp_path / "out")
+    assert result["cpu_cuda_export_identical"], result
+    assert result["weights_identical"], result
+    assert result["top1_agreement"] >= 0.99 and result["max_abs_diff"] <= result["tolerance"], result
