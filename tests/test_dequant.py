@@ -100,3 +100,19 @@ def test_every_tensor_of_tiny_checkpoints(tmp_path, like):
         assert same_bits(_bits(got), want), name
         checked[spec.kind] += 1
     assert checked[FP8_WEIGHT] > 0 and checked[FP4_WEIGHT] > 0 and checked["plain"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
+def test_cuda_route_is_bit_identical_to_cpu(tiny_src, tiny_bf16, tmp_path):
+    """The GPU route (the formula, on the device) writes the same shards as the CPU table route."""
+    from quantbook.convert import MANIFEST, dequantize
+
+    gpu = tmp_path / "gpu"
+    dequantize(tiny_src, gpu, workers=2, device="cuda", progress=False)
+    for p in sorted(tiny_bf16.iterdir()):
+        if p.is_file() and p.name != MANIFEST:
+            assert (gpu / p.name).read_bytes() == p.read_bytes(), p.name
+    codes = torch.arange(256, dtype=torch.uint8).repeat(128, 1)
+    for k in range(0, 255, 2):
+        s = torch.tensor([[k, k + 1]], dtype=torch.uint8)
+        assert same_bits(_bits(dequant_fp8_formula(codes.cuda(), s.cuda()).cpu()), fp8_reference(codes.numpy(), s.numpy()))

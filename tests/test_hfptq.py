@@ -435,7 +435,7 @@ def test_both_drivers_export_identical_bytes(tiny_bf16, tmp_path, device):
     assert diffs == [], f"exports differ (timings {timings}):\n" + "\n".join(diffs)
     rec = json.loads((tmp_path / "run-hf_ptq" / hfptq.RECORD).read_text())
     assert rec["status"] == "done" and rec["post_calibration"]["state"]["quantizers"] > 0
-    if device == "cpu":
+    if device == "cpu" and not __import__("torch").cuda.is_available():
         assert rec["cpu_rehearsal_guard_lines"]  # main ran past its GPU guard on this CPU-only machine
     # the post-calibration hook saw the same calibration in both: amax, data, experts reached, config
     from quantbook.amax import load_snapshot

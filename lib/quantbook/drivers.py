@@ -438,7 +438,7 @@ def export_model(model, tokenizer, s: dict, export_dir: str | Path, default_padd
             "seconds": round(time.time() - t0, 3)}
 
 
-def _swap_into_place(partial: Path, final: Path) -> None:
+def swap_into_place(partial: Path, final: Path) -> None:
     """Rename a finished export over `final` (the previous one removed only once the new one is in)."""
     previous = final.with_name(final.name + ".previous")
     if previous.exists():
@@ -454,18 +454,17 @@ def _swap_into_place(partial: Path, final: Path) -> None:
 # the run
 
 @contextmanager
-def _memory(run_dir: Path):
-    try:
-        from .memory import MemorySampler
-    except ImportError:  # pragma: no cover - memory.py ships with the package
-        yield None
-        return
+def step_memory(run_dir: Path):
+    """Step 02's memory timeline (memory.csv in the run directory), for either driver."""
+    from .memory import MemorySampler
+
     with MemorySampler(run_dir, step="02_quantize") as mem:
         yield mem
 
 
 @contextmanager
-def _phase(mem, name: str, timings: dict):
+def timed_phase(mem, name: str, timings: dict):
+    """A named phase: printed, timed into `timings`, marked in the memory timeline."""
     t0 = time.time()
     print(f"[quantbook] phase {name} ...", flush=True)
     if mem is None:
@@ -654,10 +653,10 @@ def run_modelopt(q: dict, run_dir: Path, progress: bool = True) -> dict:
         random.seed(RAND_SEED)
         np.random.seed(RAND_SEED)
         torch.compiler.set_stance("force_eager")
-        with _memory(run_dir) as mem:
+        with step_memory(run_dir) as mem:
             result = _run(q, s, run_dir, export_partial, mem, timings, rec, progress)
-            with _phase(mem, "finalize", timings):
-                _swap_into_place(export_partial, export_final)
+            with timed_phase(mem, "finalize", timings):
+                swap_into_place(export_partial, export_final)
                 if (export_final / SUMMARY).exists():
                     shutil.copy2(export_final / SUMMARY, run_dir / SUMMARY)
         result["export"]["dir"] = str(export_final)
@@ -681,7 +680,7 @@ def _run(q, s, run_dir, export_dir, mem, timings, rec, progress) -> dict:
     if export_dir.exists():
         shutil.rmtree(export_dir)
     export_dir.mkdir(parents=True)
-    with _phase(mem, "load", timings):
+    with timed_phase(mem, "load", timings):
         model = load_model(s)
         tok, default_side, default_pad = load_tokenizer(s["pyt_ckpt_path"], s["trust_remote_code"])
     if s["batch_size"] == 0:
@@ -692,7 +691,7 @@ def _run(q, s, run_dir, export_dir, mem, timings, rec, progress) -> dict:
 
             s["batch_size"] = min(get_max_batch_size(model, max_sample_length=s["calib_seq"],
                                                      sample_memory_usage_ratio=1.1), sum(calib_plan(s)[1]))
-    with _phase(mem, "data", timings):
+    with timed_phase(mem, "data", timings):
         dataloader = make_dataloader(s, tok, model_device(model))
         calib = describe_dataloader(dataloader)
     rec.update(calibration=calib)
@@ -714,7 +713,7 @@ def _run(q, s, run_dir, export_dir, mem, timings, rec, progress) -> dict:
                   f"(signature verified)")
     counter = ExpertTokenCounter(model, persist_dir=counts_dir, keep_layers_below=keep_below)
     try:
-        with _phase(mem, "calibrate", timings):
+        with timed_phase(mem, "calibrate", timings):
             loop = create_forward_loop(dataloader=dataloader) if need_calibration(quant_cfg) else None
             with kv_cache_off_guard(model):
                 model = mtq.quantize(model, quant_cfg, forward_loop=loop)
@@ -729,9 +728,9 @@ def _run(q, s, run_dir, export_dir, mem, timings, rec, progress) -> dict:
             print(f"Error saving quant summary: {e}")
     hook = state.post_calibration(model, run_dir, q, calib=calib, token_counts=counts,
                                   model_path=s["pyt_ckpt_path"], quant_cfg=quant_cfg, progress=progress,
-                                  phase=lambda name: _phase(mem, name, timings))
+                                  phase=lambda name: timed_phase(mem, name, timings))
     rec.update(post_calibration=hook, expert_coverage=coverage(counts))
-    with _phase(mem, "export", timings):
+    with timed_phase(mem, "export", timings):
         exp = export_model(model, tok, s, export_dir, default_side, default_pad)
     return {"post_calibration": hook, "export": exp, "expert_coverage": coverage(counts),
             "batch_size": s["batch_size"]}

@@ -620,9 +620,9 @@ def run(q: dict, run_dir: str | Path, hook=None) -> dict:
             if partial.exists():
                 shutil.rmtree(partial)
             results: dict = {}
-            with drivers._memory(run_dir) as mem:
+            with drivers.step_memory(run_dir) as mem:
                 def around(name):
-                    return drivers._phase(mem, name, timings)
+                    return drivers.timed_phase(mem, name, timings)
 
                 with calibration_observers(p.module, around) as seen, \
                         export_hook(p.module, hook or post_calibration_hook(run_dir, q, seen, results),
@@ -632,7 +632,7 @@ def run(q: dict, run_dir: str | Path, hook=None) -> dict:
                 if len(exports) != 1:
                     raise RuntimeError(f"hf_ptq.main returned after {len(exports)} calls of export_quantized, not 1")
                 with around("finalize"):
-                    drivers._swap_into_place(partial, final)
+                    drivers.swap_into_place(partial, final)
                     if (final / drivers.SUMMARY).exists():
                         shutil.copy2(final / drivers.SUMMARY, run_dir / drivers.SUMMARY)
             record.update(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), export={"dir": str(final)},

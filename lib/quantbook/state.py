@@ -293,10 +293,14 @@ def validate_amax(model) -> dict:
 # snapshot, token counts, the hook
 
 def snapshot(model, run_dir: str | Path, metadata: dict | None = None) -> dict:
-    """Write every quantizer's amax-like tensors to `<run_dir>/amax.safetensors` (atomic)."""
+    """Write every quantizer's amax-like tensors to `<run_dir>/amax.safetensors` (atomic).
+
+    The metadata lists every enabled quantizer that needs a calibrated amax, so a reader can tell
+    a quantizer that never got one ("missing") from one that does not exist."""
     tensors = snapshot_tensors(model)
     path = Path(run_dir) / amax_io.SNAPSHOT
-    amax_io.save_snapshot(path, tensors, metadata=metadata)
+    enabled = [name for name, q in iter_quantizers(model) if _needs_amax(q)]
+    amax_io.save_snapshot(path, tensors, metadata={**(metadata or {}), "enabled_quantizers": enabled})
     return {"path": str(path), "tensors": len(tensors), "bytes": path.stat().st_size}
 
 
