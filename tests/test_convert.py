@@ -14,7 +14,7 @@ import torch
 from ckpt_edit import copy_checkpoint, corrupt_header, rewrite_shard
 from quantbook import convert
 from quantbook.format import FormatError, load_config
-from quantbook.shards import INDEX_NAME, read_header, read_index
+from quantbook.shards import read_header, read_index
 
 
 def _files(d: Path) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,3 +53,16 @@ def read_json(path: str | Path, default=None):
             return json.load(f)
     except FileNotFoundError:
         return default
+
+
+def replace_dir(work: str | Path, final: str | Path) -> None:
+    """Put a finished directory in place of `final`; the old one is removed only once the new one
+    is in, so a crash leaves the old directory, the new one, or both (old as `<final>.previous`)."""
+    work, final = Path(work), Path(final)
+    previous = final.with_name(final.name + ".previous")
+    if previous.exists():
+        shutil.rmtree(previous)
+    if final.exists():
+        os.replace(final, previous)
+    os.replace(work, final)
+    shutil.rmtree(previous, ignore_errors=True)

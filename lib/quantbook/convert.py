@@ -21,11 +21,9 @@ import hashlib
 import json
 import math
 import shutil
-import sys
-import threading
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,7 +34,8 @@ from .format import (
     DTYPE_SIZE, FP4_WEIGHT, FP8_BLOCK, FP8_WEIGHT, SCALE, FormatError, TensorSpec, bf16_config,
     dequant_shape, expected_tensors, load_config, scale_of_weight, weight_of_scale,
 )
-from .shards import HASH, INDEX_NAME, ShardWriter, TensorEntry, file_digest, read_header, read_index, read_range
+from .resume import Job, run_shards
+from .shards import HASH, INDEX_NAME, ShardWriter, TensorEntry, read_header, read_index, read_range
 
 MANIFEST = "quantbook-dequant.json"
 DEFAULT_CHUNK_ELEMS = 4 * 1024 * 1024
@@ -290,64 +289,25 @@ def convert_shard(sp: ShardPlan, dst: Path, device: str = "cpu", chunk_elems: in
     return {"size": size, HASH: digest, "nonfinite_values": nans}
 
 
-def _verified(dst: Path, name: str, rec: dict) -> bool:
-    path = dst / name
-    return path.exists() and path.stat().st_size == rec["size"] and file_digest(path) == rec[HASH]
-
-
 def run(p: Plan, workers: int = 2, device: str = "cpu", chunk_elems: int = DEFAULT_CHUNK_ELEMS,
         progress: bool = True) -> dict:
     """Convert every shard not already done and verified, then write index, config and side files."""
-    from tqdm.auto import tqdm
-
     check_destination(p)
-    dst = p.dst
-    dst.mkdir(parents=True, exist_ok=True)
-    for stale in dst.glob("*.partial"):
-        stale.unlink()
-    manifest = atomic.read_json(dst / MANIFEST) or {
-        "kind": "quantbook.dequant", "source": str(p.src), "source_id": p.source_id, "shards": {}, "complete": False,
-    }
-    manifest["complete"] = False
-    done = {n: r for n, r in manifest["shards"].items() if _verified(dst, n, r)}
-    manifest["shards"] = dict(done)
-    atomic.write_json(dst / MANIFEST, manifest)
-    todo = [s for s in p.shards if s.name not in done]
-    lock = threading.Lock()
-    skipped = sum(s.bytes_out for s in p.shards if s.name in done)
-    bar = tqdm(total=p.bytes_out, initial=skipped, unit="B", unit_scale=True, desc="dequant",
-               disable=not progress, file=sys.stderr)
-
-    def on_bytes(n):
-        with lock:
-            bar.update(n)
-
-    def one(sp):
-        rec = convert_shard(sp, dst, device, chunk_elems, on_bytes)
-        with lock:
-            manifest["shards"][sp.name] = rec
-            atomic.write_json(dst / MANIFEST, manifest)
-        return sp.name
-
-    if device == "cpu" and workers > 1:
-        torch.set_num_threads(1)  # one shard per thread; keep torch from oversubscribing cores
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for fut in as_completed([pool.submit(one, sp) for sp in todo]):
-                fut.result()
-    finally:
-        bar.close()
-
+    jobs = [Job(sp.name, sp.bytes_out, partial(convert_shard, sp, p.dst, device, chunk_elems)) for sp in p.shards]
+    fresh = {"kind": "quantbook.dequant", "source": str(p.src), "source_id": p.source_id, "complete": False}
+    manifest, skipped = run_shards(p.dst, MANIFEST, fresh, jobs, workers, device, "dequant", progress,
+                                   stale_finals=(INDEX_NAME, "config.json"))
     for name in p.extra_files:
-        atomic.write_bytes(dst / name, (p.src / name).read_bytes())
+        atomic.write_bytes(p.dst / name, (p.src / name).read_bytes())
     weight_map = {o.out_name: sp.name for sp in p.shards for o in sp.ops}
-    atomic.write_json(dst / INDEX_NAME, {"metadata": {"total_size": p.bytes_out}, "weight_map": weight_map})
-    atomic.write_json(dst / "config.json", bf16_config(p.config))
-    nans = {k: v for r in manifest["shards"].values() for k, v in r.get("nonfinite_values", {}).items()}
-    acct = dict(p.accounting, nonfinite_values=nans, shards_skipped=len(done), shards_written=len(todo))
+    atomic.write_json(p.dst / INDEX_NAME, {"metadata": {"total_size": p.bytes_out}, "weight_map": weight_map})
+    atomic.write_json(p.dst / "config.json", bf16_config(p.config))
+    nonfinite = {k: v for r in manifest["shards"].values() for k, v in r.get("nonfinite_values", {}).items()}
+    acct = dict(p.accounting, nonfinite_values=nonfinite, shards_skipped=skipped,
+                shards_written=len(p.shards) - skipped)
     reconcile(acct, p.bytes_in, p.bytes_out)
     manifest.update(complete=True, accounting=acct)
-    atomic.write_json(dst / MANIFEST, manifest)
+    atomic.write_json(p.dst / MANIFEST, manifest)
     return acct
 
 

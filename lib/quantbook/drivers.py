@@ -440,14 +440,7 @@ def export_model(model, tokenizer, s: dict, export_dir: str | Path, default_padd
 
 def swap_into_place(partial: Path, final: Path) -> None:
     """Rename a finished export over `final` (the previous one removed only once the new one is in)."""
-    previous = final.with_name(final.name + ".previous")
-    if previous.exists():
-        shutil.rmtree(previous)
-    if final.exists():
-        os.replace(final, previous)
-    os.replace(partial, final)
-    if previous.exists():
-        shutil.rmtree(previous)
+    atomic.replace_dir(partial, final)
 
 
 # ---------------------------------------------------------------------------------------------

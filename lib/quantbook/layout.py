@@ -31,10 +31,9 @@ import hashlib
 import json
 import math
 import re
-import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -43,6 +42,7 @@ from . import atomic
 from .amax import load_snapshot, parse_quantizer, split_key
 from .dequant import dequant_fp4
 from .format import DTYPE_SIZE, FP4_GROUP, FormatError
+from .resume import Job, run_shards
 from .shards import HASH, INDEX_NAME, ShardWriter, TensorEntry, file_digest, read_header, read_index, read_range
 
 LAYOUT = "v4-serving"
@@ -625,68 +625,25 @@ def check_destination(p: LayoutPlan) -> None:
         raise LayoutError(f"export directory {dst}: {needed / 2**30:.2f} GiB still to write, {free / 2**30:.2f} GiB free")
 
 
-def _verified(dst: Path, name: str, rec: dict) -> bool:
-    path = dst / name
-    return path.exists() and path.stat().st_size == rec["size"] and file_digest(path) == rec[HASH]
-
-
 def run(p: LayoutPlan, workers: int = 2, device: str = "cpu", progress: bool = True) -> dict:
     """Write every shard not already done and verified, then side files, index and configs; returns the report."""
-    from tqdm.auto import tqdm
-
     check_destination(p)
-    dst = p.dst
-    dst.mkdir(parents=True, exist_ok=True)
-    for stale in dst.glob("*.partial"):
-        stale.unlink()
-    manifest = atomic.read_json(dst / MANIFEST) or {
-        "kind": "quantbook.layout", "layout": LAYOUT, "source": str(p.src), "source_id": p.source_id,
-        "options": p.options, "identity": p.identity, "amax": p.amax_info, "shards": {}, "complete": False,
-    }
-    manifest["complete"] = False
-    done = {n: r for n, r in manifest["shards"].items() if _verified(dst, n, r)}
-    manifest["shards"] = dict(done)
-    atomic.write_json(dst / MANIFEST, manifest)
-    # a rerun after a complete export rewrites the final files last again: drop them first so a
-    # directory with config.json is never a half-rewritten one
-    for final in ("config.json", HF_QUANT_CONFIG, INDEX_NAME):
-        (dst / final).unlink(missing_ok=True)
     reader = Checkpoint(p.src)
-    todo = [j for j in p.jobs if j.name not in done]
-    lock = threading.Lock()
-    bar = tqdm(total=p.bytes_out, initial=sum(j.bytes_out for j in p.jobs if j.name in done), unit="B",
-               unit_scale=True, desc="v4-serving", disable=not progress, file=sys.stderr)
-
-    def on_bytes(n):
-        with lock:
-            bar.update(n)
-
-    def one(job):
-        rec = write_shard(job, p, reader, device, on_bytes)
-        with lock:
-            manifest["shards"][job.name] = rec
-            atomic.write_json(dst / MANIFEST, manifest)
-
-    if todo:
+    if any(not (p.dst / j.name).exists() for j in p.jobs):
         _modelopt()
-    threads = torch.get_num_threads()
-    if device == "cpu" and workers > 1:
-        torch.set_num_threads(1)  # one shard per thread
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for fut in as_completed([pool.submit(one, j) for j in todo]):
-                fut.result()
-    finally:
-        torch.set_num_threads(threads)
-        bar.close()
-
+    jobs = [Job(j.name, j.bytes_out, partial(write_shard, j, p, reader, device)) for j in p.jobs]
+    fresh = {"kind": "quantbook.layout", "layout": LAYOUT, "source": str(p.src), "source_id": p.source_id,
+             "options": p.options, "identity": p.identity, "amax": p.amax_info, "complete": False}
+    manifest, skipped = run_shards(p.dst, MANIFEST, fresh, jobs, workers, device, "v4-serving", progress,
+                                   stale_finals=("config.json", HF_QUANT_CONFIG, INDEX_NAME))
+    dst = p.dst
     for name in p.extra_files:
         atomic.write_bytes(dst / name, (p.src / name).read_bytes())
     atomic.write_json(dst / INDEX_NAME, {"metadata": {**p.index_metadata, "total_size": p.bytes_out},
                                          "weight_map": p.weight_map})
     atomic.write_json(dst / HF_QUANT_CONFIG, hf_quant_config(p.config))
     atomic.write_json(dst / "config.json", serving_config(p.config))
-    report = layout_report(p, manifest["shards"], skipped=len(done), written=len(todo))
+    report = layout_report(p, manifest["shards"], skipped=skipped, written=len(p.jobs) - skipped)
     manifest.update(complete=True, report=report)
     atomic.write_json(dst / MANIFEST, manifest)
     return report

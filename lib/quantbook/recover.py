@@ -25,7 +25,6 @@ its table and verdict written into the run directory.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -145,7 +144,7 @@ def validate_state(run_dir: str | Path, model_path: str | Path | None = None, so
     Verdict `ok` (warnings allowed: e.g. uncalibrated experts the export fills and lists) or
     `refused` (an export from this state would fail or be wrong).
     """
-    from .state import MANIFEST, QUANTIZER_TENSORS, StateError, load_manifest, model_identity, versions
+    from .state import QUANTIZER_TENSORS, StateError, load_manifest, model_identity, versions
 
     run_dir = Path(run_dir)
     rows: list[dict] = []
@@ -311,13 +310,7 @@ def export_generic(run_dir: str | Path, out: str | Path, model_path: str | None 
 
         mtq.print_quant_summary(model, str(partial))
     rec = drivers.export_model(model, tok, s, partial)
-    previous = out.with_name(out.name + ".previous")
-    if previous.exists():
-        shutil.rmtree(previous)
-    if out.exists():
-        os.replace(out, previous)
-    os.replace(partial, out)
-    shutil.rmtree(previous, ignore_errors=True)
+    atomic.replace_dir(partial, out)
     return {**rec, "dir": str(out), "restored_from": how}
 
 

@@ -425,14 +425,7 @@ def save_cheap_state(model, state_dir: str | Path, *, q: dict | None = None, mod
         "files": {name: _file_record(work / name) for name in files},
     }
     atomic.write_json(work / MANIFEST, manifest)
-    previous = final.with_name(final.name + ".previous")
-    if previous.exists():
-        shutil.rmtree(previous)
-    if final.exists():
-        os.replace(final, previous)
-    os.replace(work, final)
-    if previous.exists():
-        shutil.rmtree(previous)
+    atomic.replace_dir(work, final)
     total = sum(r["size"] for r in manifest["files"].values())
     return {"dir": str(final), "bytes": total, "quantizers": quantizers, "tensors": len(tensors),
             "full_state": save_full}

@@ -1,0 +1,89 @@
+"""Resumable sharded writes: what step 01's BF16 copy and step 03's serving layout share.
+
+Each output shard is written whole into a temporary file and renamed (shards.ShardWriter), then
+recorded with its size and digest in a JSON manifest in the destination. A rerun keeps the
+recorded shards whose bytes still match and writes the rest, in parallel, with one progress bar.
+The caller writes its index and configs after `run_shards` returns, then marks the manifest
+complete: a directory is complete only when its manifest says so.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import atomic
+from .shards import HASH, file_digest
+
+
+@dataclass
+class Job:
+    """One output shard: its file name, its size, and the call that writes it.
+
+    `write(on_bytes)` writes the shard atomically, calls `on_bytes(n)` as bytes go out, and returns
+    the manifest record (at least `size` and the HASH digest)."""
+
+    name: str
+    bytes_out: int
+    write: Callable[[Callable[[int], None]], dict]
+
+
+def verified(dst: Path, name: str, rec: dict) -> bool:
+    """A recorded shard still on disk with the recorded size and digest."""
+    path = dst / name
+    return path.exists() and path.stat().st_size == rec["size"] and file_digest(path) == rec[HASH]
+
+
+def run_shards(dst: Path, manifest_name: str, fresh: dict, jobs: list[Job], workers: int = 2,
+               device: str = "cpu", desc: str = "shards", progress: bool = True,
+               stale_finals: tuple[str, ...] = ()) -> tuple[dict, int]:
+    """Write every job not already recorded and verified; returns (manifest, shards skipped).
+
+    `fresh` is the manifest to start from when the destination has none; `stale_finals` are the
+    files written after the shards (index, configs), removed first so a directory that holds them
+    is never one whose shards are being rewritten.
+    """
+    from tqdm.auto import tqdm
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for stale in dst.glob("*.partial"):
+        stale.unlink()
+    manifest = atomic.read_json(dst / manifest_name) or {**fresh, "shards": {}}
+    manifest["complete"] = False
+    done = {n: r for n, r in manifest["shards"].items() if verified(dst, n, r)}
+    manifest["shards"] = dict(done)
+    atomic.write_json(dst / manifest_name, manifest)
+    for final in stale_finals:
+        (dst / final).unlink(missing_ok=True)
+    todo = [j for j in jobs if j.name not in done]
+    lock = threading.Lock()
+    bar = tqdm(total=sum(j.bytes_out for j in jobs), initial=sum(j.bytes_out for j in jobs if j.name in done),
+               unit="B", unit_scale=True, desc=desc, disable=not progress, file=sys.stderr)
+
+    def on_bytes(n):
+        with lock:
+            bar.update(n)
+
+    def one(job):
+        rec = job.write(on_bytes)
+        with lock:
+            manifest["shards"][job.name] = rec
+            atomic.write_json(dst / manifest_name, manifest)
+
+    threads = torch.get_num_threads()
+    if device == "cpu" and workers > 1:
+        torch.set_num_threads(1)  # one shard per thread; keep torch from oversubscribing cores
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for fut in as_completed([pool.submit(one, j) for j in todo]):
+                fut.result()
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
+    return manifest, len(done)
