@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ckpt_edit import copy_checkpoint, corrupt_header, rewrite_shard
-from quantbook import convert
+from quantbook import convert, resume
 from quantbook.format import FormatError, load_config
 from quantbook.shards import read_header, read_index
 
@@ -89,9 +89,9 @@ def test_validation_reads_every_header_before_writing(tiny_src, tmp_path):
 
 
 def test_destination_rules(tiny_src, tmp_path, monkeypatch):
-    with pytest.raises(FormatError, match="is the source or inside it"):
+    with pytest.raises(FormatError, match="is the source, inside it or around it"):
         convert.plan(tiny_src, tiny_src) and convert.check_destination(convert.plan(tiny_src, tiny_src))
-    with pytest.raises(FormatError, match="is the source or inside it"):
+    with pytest.raises(FormatError, match="is the source, inside it or around it"):
         convert.check_destination(convert.plan(tiny_src, tiny_src / "bf16"))
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -105,7 +105,7 @@ def test_destination_rules(tiny_src, tmp_path, monkeypatch):
     convert.dequantize(other, dst, progress=False)
     with pytest.raises(FormatError, match="holds a run of another source"):
         convert.check_destination(convert.plan(tiny_src, dst))
-    monkeypatch.setattr(convert, "free_disk", lambda path: 1000)
+    monkeypatch.setattr(resume, "free_disk", lambda path: 1000)
     with pytest.raises(FormatError, match=r"GiB still to write, 0.00 GiB free"):
         convert.check_destination(convert.plan(tiny_src, tmp_path / "new"))
 

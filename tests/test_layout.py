@@ -238,7 +238,7 @@ def test_destination_refusals(serving, tiny_src, tmp_path):
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(LayoutError, match="holds no quantbook-layout.json"):
         write_serving_layout(tiny_src, snap_path, foreign, progress=False)
-    with pytest.raises(LayoutError, match="overlaps the release"):
+    with pytest.raises(LayoutError, match="is the source, inside it or around it"):
         write_serving_layout(tiny_src, snap_path, tiny_src / "out", progress=False)
     other = native_snapshot(tiny_src, input_base=5.0)
     with pytest.raises(LayoutError, match="other amax"):

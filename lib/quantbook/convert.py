@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import partial
@@ -34,7 +33,8 @@ from .format import (
     DTYPE_SIZE, FP4_WEIGHT, FP8_BLOCK, FP8_WEIGHT, SCALE, FormatError, TensorSpec, bf16_config,
     dequant_shape, expected_tensors, load_config, scale_of_weight, weight_of_scale,
 )
-from .resume import Job, run_shards
+from . import resume
+from .resume import Job, free_disk, run_shards
 from .shards import HASH, INDEX_NAME, ShardWriter, TensorEntry, read_header, read_index, read_range
 
 MANIFEST = "quantbook-dequant.json"
@@ -203,22 +203,11 @@ def plan(src: str | Path, dst: str | Path) -> Plan:
 
 def check_destination(p: Plan) -> None:
     """Refuse a destination that is the source, inside it, foreign, or too small."""
-    src, dst = p.src, p.dst
-    if dst == src or src in dst.parents:
-        raise FormatError(f"destination {dst} is the source or inside it; choose a directory outside {src}")
-    manifest = atomic.read_json(dst / MANIFEST)
-    if dst.exists() and any(dst.iterdir()):
-        if manifest is None:
-            raise FormatError(f"destination {dst} is not empty and holds no {MANIFEST}: "
-                              "refusing to write into a directory that is not an earlier run of this source")
+    def foreign(manifest):
         if manifest.get("source_id") != p.source_id:
-            raise FormatError(f"destination {dst} holds a run of another source ({manifest.get('source')}); "
-                              "use an empty directory")
-    done = (manifest or {}).get("shards", {})
-    needed = sum(s.bytes_out for s in p.shards if s.name not in done)
-    free = free_disk(dst)
-    if free < needed:
-        raise FormatError(f"destination {dst}: {needed / 2**30:.2f} GiB still to write, {free / 2**30:.2f} GiB free")
+            return f"a run of another source ({manifest.get('source')})"
+
+    resume.check_destination(p.src, p.dst, MANIFEST, p.shards, foreign, FormatError)
 
 
 def _read_tensor_rows(path: Path, entry: TensorEntry, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
@@ -402,11 +391,3 @@ def dequantize(src, dst, workers: int = 2, device: str = "cpu", chunk_elems: int
     """plan -> check -> run: the one call behind `quantbook dequant` and notebook 01."""
     p = plan(src, dst)
     return run(p, workers=workers, device=device, chunk_elems=chunk_elems, progress=progress)
-
-
-def free_disk(path: Path) -> int:
-    path = Path(path).resolve()
-    while not path.exists():
-        path = path.parent
-    return shutil.disk_usage(path).free
-

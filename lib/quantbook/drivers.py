@@ -551,7 +551,7 @@ def estimate_resources(q: dict, run_dir: str | Path) -> dict:
 
     import psutil
 
-    from .convert import free_disk
+    from .resume import free_disk
     from .shards import read_header
 
     q = normalize(q)

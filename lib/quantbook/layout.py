@@ -42,6 +42,7 @@ from . import atomic
 from .amax import load_snapshot, parse_quantizer, split_key
 from .dequant import dequant_fp4
 from .format import DTYPE_SIZE, FP4_GROUP, FormatError
+from . import resume
 from .resume import Job, run_shards
 from .shards import HASH, INDEX_NAME, ShardWriter, TensorEntry, file_digest, read_header, read_index, read_range
 
@@ -602,27 +603,15 @@ def write_shard(job: ShardJob, p: LayoutPlan, reader: Checkpoint, device: str = 
 
 
 def check_destination(p: LayoutPlan) -> None:
-    """Refuse the source itself, a foreign non-empty directory, another run's export, or too little disk."""
-    from .convert import free_disk
-
-    src, dst = p.src, p.dst
-    if dst == src or src in dst.parents or dst in src.parents:
-        raise LayoutError(f"export directory {dst} overlaps the release {src}; choose a separate directory")
-    manifest = atomic.read_json(dst / MANIFEST)
-    if dst.exists() and any(dst.iterdir()):
-        if manifest is None:
-            raise LayoutError(f"export directory {dst} is not empty and holds no {MANIFEST}: refusing to write "
-                              "into a directory that is not an earlier run of this export")
+    """Refuse the release itself, a foreign non-empty directory, another run's export, or too little disk."""
+    def foreign(manifest):
         if manifest.get("identity") != p.identity:
             why = ("another release" if manifest.get("source_id") != p.source_id else
                    "other options" if manifest.get("options") != p.options else "other amax")
-            raise LayoutError(f"export directory {dst} holds an export of {why} ({manifest.get('source')}, "
-                              f"amax {manifest.get('amax', {}).get('origin')}); use an empty directory")
-    done = (manifest or {}).get("shards", {})
-    needed = sum(j.bytes_out for j in p.jobs if j.name not in done)
-    free = free_disk(dst)
-    if free < needed:
-        raise LayoutError(f"export directory {dst}: {needed / 2**30:.2f} GiB still to write, {free / 2**30:.2f} GiB free")
+            return (f"an export of {why} ({manifest.get('source')}, "
+                    f"amax {manifest.get('amax', {}).get('origin')})")
+
+    resume.check_destination(p.src, p.dst, MANIFEST, p.jobs, foreign, LayoutError, what="export directory")
 
 
 def run(p: LayoutPlan, workers: int = 2, device: str = "cpu", progress: bool = True) -> dict:

@@ -22,6 +22,41 @@ from . import atomic
 from .shards import HASH, file_digest
 
 
+def free_disk(path: Path) -> int:
+    """Free bytes on the filesystem that holds `path` (or its nearest existing parent)."""
+    import shutil
+
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_destination(src: Path, dst: Path, manifest_name: str, jobs: list, foreign: Callable[[dict], str | None],
+                      error: type[Exception], what: str = "destination") -> None:
+    """Refuse a destination that overlaps the source, holds something else, or lacks disk space.
+
+    A non-empty destination must hold `manifest_name` from an earlier run of the same job:
+    `foreign(manifest)` says what else it holds (None when it is the same job). `jobs` have
+    `name` and `bytes_out`; shards the manifest records are not counted against free disk.
+    """
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise error(f"{what} {dst} is the source, inside it or around it; choose a directory apart from {src}")
+    manifest = atomic.read_json(dst / manifest_name)
+    if dst.exists() and any(dst.iterdir()):
+        if manifest is None:
+            raise error(f"{what} {dst} is not empty and holds no {manifest_name}: refusing to write into a "
+                        "directory that is not an earlier run of this job")
+        why = foreign(manifest)
+        if why:
+            raise error(f"{what} {dst} holds {why}; use an empty directory")
+    done = (manifest or {}).get("shards", {})
+    needed = sum(j.bytes_out for j in jobs if j.name not in done)
+    free = free_disk(dst)
+    if free < needed:
+        raise error(f"{what} {dst}: {needed / 2**30:.2f} GiB still to write, {free / 2**30:.2f} GiB free")
+
+
 @dataclass
 class Job:
     """One output shard: its file name, its size, and the call that writes it.
