@@ -258,9 +258,8 @@ def convert_shard(sp: ShardPlan, dst: Path, device: str = "cpu", chunk_elems: in
                   on_bytes=None) -> dict:
     """Write one output shard atomically; returns its size, digest and any non-finite counts."""
     entries = [(o.out_name, o.out_dtype, o.out_shape) for o in sp.ops]
-    writer = ShardWriter(dst / sp.name, entries, metadata={"format": "pt"})
     nans = {}
-    try:
+    with ShardWriter(dst / sp.name, entries, metadata={"format": "pt"}) as writer:
         for op in sp.ops:
             before = writer.written
             if op.kind in (FP8_WEIGHT, FP4_WEIGHT):
@@ -272,9 +271,6 @@ def convert_shard(sp: ShardPlan, dst: Path, device: str = "cpu", chunk_elems: in
             if on_bytes:
                 on_bytes(writer.written - before)
         size, digest = writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
     return {"size": size, HASH: digest, "nonfinite_values": nans}
 
 

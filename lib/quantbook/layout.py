@@ -573,10 +573,9 @@ class _Expert:
 
 def write_shard(job: ShardJob, p: LayoutPlan, reader: Checkpoint, device: str = "cpu", on_bytes=None) -> dict:
     """Write one output shard atomically; returns its size and digest (and cast counts)."""
-    writer = ShardWriter(p.dst / job.name, job.entries, metadata={"format": "pt"})
     ex = _Expert(p, reader, device)
     at = 0
-    try:
+    with ShardWriter(p.dst / job.name, job.entries, metadata={"format": "pt"}) as writer:
         for kind, what in job.ops:
             before = writer.written
             if kind == "copy":
@@ -591,9 +590,6 @@ def write_shard(job: ShardJob, p: LayoutPlan, reader: Checkpoint, device: str = 
             if on_bytes:
                 on_bytes(writer.written - before)
         size, digest = writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
     rec = {"size": size, HASH: digest}
     if ex.mismatch:
         rec["weight_amax_not_release_max"] = ex.mismatch

@@ -187,6 +187,13 @@ class ShardWriter:
             self.f.close()
         self.tmp.unlink(missing_ok=True)
 
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:  # an error or an interrupt: leave nothing that looks like a shard
+            self.abort()
+
 
 def file_digest(path: str | Path) -> str:
     """The HASH digest of a whole file, as ShardWriter.finish() reports it."""

@@ -160,12 +160,12 @@ def write_checkpoint(config: dict, out: Path, seed: int = 0, tensors=_tensors) -
     for i, group in enumerate(groups, start=1):
         name = shard_name(i, len(groups))
         items = list(tensors(group, gen, config))
-        writer = ShardWriter(out / name, [(s.name, s.dtype, s.shape) for s, _ in items], metadata=None)
-        for spec, t in items:
-            writer.write(t.contiguous().view(torch.uint8).numpy())
-            weight_map[spec.name] = name
-            total += spec.nbytes
-        writer.finish()
+        with ShardWriter(out / name, [(s.name, s.dtype, s.shape) for s, _ in items], metadata=None) as writer:
+            for spec, t in items:
+                writer.write(t.contiguous().view(torch.uint8).numpy())
+                weight_map[spec.name] = name
+                total += spec.nbytes
+            writer.finish()
     atomic.write_json(out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
     atomic.write_json(out / "config.json", config)
     atomic.write_json(out / "generation_config.json", {
