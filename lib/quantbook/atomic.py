@@ -14,6 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+TEMP_GLOB = ".*.tmp"  # what atomic_path's temporary files look like; a killed writer may leave one
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; on success it is renamed onto `path`."""

@@ -87,7 +87,7 @@ def run_shards(dst: Path, manifest_name: str, fresh: dict, jobs: list[Job], work
     from tqdm.auto import tqdm
 
     dst.mkdir(parents=True, exist_ok=True)
-    for stale in dst.glob("*.partial"):
+    for stale in [*dst.glob("*.partial"), *dst.glob(atomic.TEMP_GLOB)]:  # left by a killed run
         stale.unlink()
     manifest = atomic.read_json(dst / manifest_name) or {**fresh, "shards": {}}
     manifest["complete"] = False
