@@ -718,7 +718,7 @@ def _run(q, s, run_dir, export_dir, mem, timings, rec, progress) -> dict:
             mtq.print_quant_summary(model, str(export_dir))
             save_expert_token_count_table(model, str(export_dir))
         except Exception as e:  # hf_ptq carries on too
-            print(f"Error saving quant summary: {e}")
+            print(f"quant summary not written: {e}")
     hook = state.post_calibration(model, run_dir, q, calib=calib, token_counts=counts,
                                   model_path=s["pyt_ckpt_path"], quant_cfg=quant_cfg, progress=progress,
                                   phase=lambda name: timed_phase(mem, name, timings))

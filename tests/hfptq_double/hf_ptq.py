@@ -40,7 +40,7 @@ def parse_args():
     p.add_argument("--specdec_offline_dataset", default=None)
     p.add_argument("--recipe", default=None)
     args = p.parse_args()
-    if args.low_memory_mode and args.recipe is not None:
+    if args.recipe is not None and args.low_memory_mode:
         p.error("--low_memory_mode does not support --recipe")
     return args
 
@@ -86,9 +86,10 @@ if __name__ == "__main__":
     args = parse_args()
     if args.export_fmt != "hf":
         warnings.warn("--export_fmt is deprecated")
-    args.dataset = args.dataset.split(",") if isinstance(args.dataset, str) else args.dataset
+    if isinstance(args.dataset, str):
+        args.dataset = args.dataset.split(",")
     args.calib_size = [int(n) for n in args.calib_size.split(",")]
-    if args.specdec_offline_dataset is not None and len(args.calib_size) != 1:
+    if args.specdec_offline_dataset and len(args.calib_size) > 1:
         raise ValueError("--specdec_offline_dataset takes one calib_size")
     if args.cast_mxfp4_to_nvfp4 and "nvfp4" not in args.qformat:
         raise ValueError("--cast_mxfp4_to_nvfp4 needs an nvfp4 qformat")
