@@ -68,11 +68,11 @@ def test_fp32_scales_take_the_formula_route():
 @pytest.mark.parametrize("like", ["flash", "pro"])
 def test_every_tensor_of_tiny_checkpoints(tmp_path, like):
     """Dequantize tiny checkpoints of both configs and compare every output tensor."""
-    from quantbook.cli import _config_path
+    from quantbook.format import named_config
     from quantbook.convert import dequantize
     from quantbook.tiny import make_tiny
 
-    src = make_tiny(tmp_path / "src", like=_config_path(like), seed=7)
+    src = make_tiny(tmp_path / "src", like=named_config(like), seed=7)
     dst = tmp_path / "dst"
     dequantize(src, dst, workers=2, progress=False, chunk_elems=5000)  # small chunks: many row slices
     specs = expected_tensors(load_config(src))

@@ -8,18 +8,13 @@ import sys
 from pathlib import Path
 
 from .convert import DEFAULT_CHUNK_ELEMS
-from .format import FLASH_CONFIG, PRO_CONFIG, FormatError
-
-
-def _config_path(like: str) -> Path:
-    named = {"flash": FLASH_CONFIG, "pro": PRO_CONFIG}
-    return named.get(like.lower(), Path(like))
+from .format import FormatError, named_config
 
 
 def cmd_make_tiny(a) -> int:
     from .tiny import make_tiny
 
-    out = make_tiny(a.out, like=_config_path(a.like), seed=a.seed, layers=a.layers, experts=a.experts)
+    out = make_tiny(a.out, like=named_config(a.like), seed=a.seed, layers=a.layers, experts=a.experts)
     print(f"tiny V4 checkpoint written to {out}")
     return 0
 

@@ -51,6 +51,11 @@ class TensorSpec:
         return math.prod(self.shape) * DTYPE_SIZE[self.dtype]
 
 
+def named_config(like: str | Path) -> Path:
+    """`flash` or `pro` -> the project's copy of that release's config.json; anything else is a path."""
+    return {"flash": FLASH_CONFIG, "pro": PRO_CONFIG}.get(str(like).lower(), Path(like))
+
+
 def load_config(path: str | Path) -> dict:
     """Read a `config.json` (or a checkpoint directory holding one)."""
     path = Path(path)
