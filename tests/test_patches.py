@@ -49,10 +49,10 @@ def test_apply_is_idempotent():
     assert not hasattr(TensorQuantizer.load_calib_amax.__wrapped__, patches._MARK)
 
 
-def test_classify_amax():
+def test_amax_problem():
     import torch
 
-    from quantbook.patches import classify_amax
+    from quantbook.amax import amax_problem as classify_amax
 
     assert classify_amax(None) == "missing"
     assert classify_amax(torch.tensor(3.0)) is None

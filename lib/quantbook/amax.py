@@ -143,3 +143,27 @@ def split_key(key: str) -> tuple[str, str]:
         if key.endswith("." + attr):
             return key[: -len(attr) - 1], attr
     raise ValueError(f"snapshot key {key!r} does not end in one of {ATTRS}")
+
+
+def amax_problem(amax) -> str | None:
+    """Why an amax cannot become a scale (missing, nan, inf, negative, zero: any element), or None.
+
+    The one rule shared by the patches, the state repair, the serving layout and recovery."""
+    import torch
+
+    if amax is None:
+        return "missing"
+    if amax.is_meta:
+        return None
+    a = amax.detach().float().cpu()
+    if a.numel() == 0:
+        return "missing"
+    if torch.isnan(a).any():
+        return "nan"
+    if torch.isinf(a).any():
+        return "inf"
+    if (a < 0).any():
+        return "negative"
+    if (a == 0).any():
+        return "zero"
+    return None

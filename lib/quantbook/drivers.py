@@ -604,10 +604,9 @@ def estimate_resources(q: dict, run_dir: str | Path) -> dict:
 
 
 def _filesystem(path: Path) -> int:
-    path = path.resolve()
-    while not path.exists():
-        path = path.parent
-    return os.stat(path).st_dev
+    from .resume import existing_parent
+
+    return os.stat(existing_parent(path)).st_dev
 
 
 def check_resources(q: dict, run_dir: str | Path) -> dict:

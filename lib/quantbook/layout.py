@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from . import atomic
-from .amax import load_snapshot, parse_quantizer, split_key
+from .amax import amax_problem, load_snapshot, parse_quantizer, split_key
 from .dequant import dequant_fp4
 from .format import DTYPE_SIZE, FP4_GROUP, FormatError
 from . import resume
@@ -203,22 +203,6 @@ def expert_amax(amax, config: dict) -> ExpertAmax:
         for proj in q.projs:
             put(out.weight if q.role == "weight" else out.input, q.layer, q.expert, proj, v, key)
     return out
-
-
-def amax_problem(v: torch.Tensor | None) -> str | None:
-    """Why an amax cannot become a scale (missing, nan, inf, zero, negative), or None if it can."""
-    if v is None:
-        return "missing"
-    x = float(v)
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf"
-    if x == 0:
-        return "zero"
-    if x < 0:
-        return "negative"
-    return None
 
 
 def _json_number(v: torch.Tensor | None):

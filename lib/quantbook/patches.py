@@ -39,6 +39,8 @@ import threading
 import warnings
 import weakref
 
+from .amax import amax_problem
+
 TESTED_MODELOPT = ("0.47.0",)
 _MARK = "__quantbook_patch__"
 
@@ -210,28 +212,6 @@ def reset_report() -> None:
     set_export_fallback(None, None)
 
 
-def classify_amax(amax) -> str | None:
-    """None for a usable amax, else what is wrong with it: missing, nan, inf, negative, zero."""
-    import torch
-
-    if amax is None:
-        return "missing"
-    if amax.is_meta:
-        return None
-    a = amax.detach().float().cpu()
-    if a.numel() == 0:
-        return "missing"
-    if torch.isnan(a).any():
-        return "nan"
-    if torch.isinf(a).any():
-        return "inf"
-    if (a < 0).any():
-        return "negative"
-    if (a == 0).any():
-        return "zero"
-    return None
-
-
 def _sample(a) -> list:
     flat = a.detach().float().cpu().reshape(-1)
     return [v if math.isfinite(v) else str(v) for v in flat[:8].tolist()]
@@ -247,7 +227,7 @@ def _patch_activation_scale(original_func):
             return None
         move_amax_to_cpu(quantizer)
         raw = getattr(quantizer, "_amax", None)
-        problem = classify_amax(raw)
+        problem = amax_problem(raw)
         if raw is None:
             return None  # no amax at all: the exporter writes no input_scale (state.repair_amax fills these first)
         if problem is not None:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from . import atomic
-from .amax import SNAPSHOT, load_snapshot, parse_quantizer, split_key
+from .amax import SNAPSHOT, amax_problem, load_snapshot, parse_quantizer, split_key
 from .params import ParamsError
 
 RECORD = "export.json"
@@ -125,18 +125,6 @@ def _row(rows: list, check: str, status: str, detail: str) -> None:
     rows.append({"check": check, "status": status, "detail": detail})
 
 
-def _amax_problem(t) -> str | None:
-    from .layout import amax_problem
-
-    if t.numel() == 1:
-        return amax_problem(t)
-    a = t.float()
-    for why, bad in (("nan", a.isnan()), ("inf", a.isinf()), ("negative", a < 0), ("zero", a == 0)):
-        if bool(bad.any()):
-            return why
-    return None
-
-
 def validate_state(run_dir: str | Path, model_path: str | Path | None = None, source: str | Path | None = None,
                    layout: str = "v4-serving") -> dict:
     """Check a run's saved calibrated state without loading the model; a verdict and a table.
@@ -197,7 +185,7 @@ def validate_state(run_dir: str | Path, model_path: str | Path | None = None, so
         kinds: dict[str, list[str]] = {}
         keys = [k for k in amax if k.endswith("._amax")]
         for k in keys:
-            why = _amax_problem(amax[k])
+            why = amax_problem(amax[k])
             if why:
                 kinds.setdefault(why, []).append(split_key(k)[0])
         if manifest is not None and origin.endswith(SNAPSHOT):
@@ -242,7 +230,7 @@ def _serving_feasibility(amax: dict, source, model_path) -> dict:
     except LayoutError as e:
         return {**row, "status": FAIL, "detail": str(e)}
     L, E = cfg["num_hidden_layers"], cfg["n_routed_experts"]
-    missing_w = sum(f"layers.{i}.ffn.experts.{j}.{p}" not in ea.weight or _amax_problem(
+    missing_w = sum(f"layers.{i}.ffn.experts.{j}.{p}" not in ea.weight or amax_problem(
         ea.weight[f"layers.{i}.ffn.experts.{j}.{p}"]) is not None
         for i in range(L) for j in range(E) for p in ("w1", "w2", "w3"))
     filled_in = sum(f["amax"] == "input" for f in res.fills)

@@ -22,14 +22,19 @@ from . import atomic
 from .shards import HASH, file_digest
 
 
+def existing_parent(path: Path) -> Path:
+    """`path` itself, or its nearest parent that exists (where a directory yet to be made will live)."""
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def free_disk(path: Path) -> int:
     """Free bytes on the filesystem that holds `path` (or its nearest existing parent)."""
     import shutil
 
-    path = Path(path).resolve()
-    while not path.exists():
-        path = path.parent
-    return shutil.disk_usage(path).free
+    return shutil.disk_usage(existing_parent(path)).free
 
 
 def check_destination(src: Path, dst: Path, manifest_name: str, jobs: list, foreign: Callable[[dict], str | None],

@@ -226,7 +226,7 @@ def repair_amax(model) -> list[dict]:
         if not _needs_amax(q):
             continue
         raw = q._buffers.get("_amax")
-        problem = patches.classify_amax(raw)
+        problem = amax_io.amax_problem(raw)
         if _is_weight_quantizer(name):
             if problem in ("nan", "inf", "negative"):
                 weight_problems.append(f"{name}: {problem} {patches._sample(raw)}")
@@ -280,7 +280,7 @@ def validate_amax(model) -> dict:
         if not _needs_amax(q):
             continue
         counts["need_amax"] += 1
-        problem = patches.classify_amax(q._buffers.get("_amax"))
+        problem = amax_io.amax_problem(q._buffers.get("_amax"))
         if problem is None:
             counts["ok"] += 1
         else:
