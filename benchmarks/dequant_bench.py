@@ -25,8 +25,8 @@ import torch
 
 
 def build_source(root: Path, layers: int, experts: int) -> Path:
-    from quantbook.format import FLASH_CONFIG, load_config
-    from quantbook.tiny import random_code_tensors, write_checkpoint
+    from quantbook.release.format import FLASH_CONFIG, load_config
+    from quantbook.release.tiny import random_code_tensors, write_checkpoint
 
     cfg = load_config(FLASH_CONFIG)
     cfg.update(num_hidden_layers=layers, n_routed_experts=experts,
@@ -57,7 +57,7 @@ def naive(src: Path, dst: Path) -> float:
     """The straightforward converter: whole shard in memory, tensor by tensor, save_file."""
     from safetensors.torch import load_file, save_file
 
-    from quantbook.dequant import E2M1
+    from quantbook.release.dequant import E2M1
 
     table = torch.tensor(E2M1)
     dst.mkdir()
@@ -87,7 +87,7 @@ def naive(src: Path, dst: Path) -> float:
 
 
 def ours(src: Path, dst: Path, workers: int, device: str) -> float:
-    from quantbook.convert import dequantize
+    from quantbook.release.convert import dequantize
 
     t = time.perf_counter()
     dequantize(src, dst, workers=workers, device=device, progress=False)
@@ -111,7 +111,7 @@ def main() -> None:
         src = build_source(root, a.layers, a.experts)
         print(f"synthetic source: {sum(p.stat().st_size for p in src.iterdir()) / 2**30:.2f} GiB "
               f"({a.layers} layers x {a.experts} experts, Flash shapes) built in {time.perf_counter() - t:.0f} s")
-        from quantbook.convert import plan
+        from quantbook.release.convert import plan
 
         out_bytes = plan(src, root / "probe").bytes_out
         sizes = [s.bytes_out for s in plan(src, root / "probe").shards]

@@ -29,8 +29,8 @@ import torch
 
 
 def _tiny(out: Path) -> tuple[Path, Path]:
-    from quantbook.convert import dequantize
-    from quantbook.tiny import make_tiny
+    from quantbook.release.convert import dequantize
+    from quantbook.release.tiny import make_tiny
 
     src, bf16 = out / "tiny-FP8", out / "tiny-BF16"
     if not (src / "config.json").exists():
@@ -50,9 +50,9 @@ def run_check(bf16: str | Path, source: str | Path, out: str | Path, device: str
     import modelopt.torch.quantization as mtq
     from transformers import AutoModelForCausalLM
 
-    from quantbook.layout import Checkpoint, write_serving_layout
-    from quantbook.state import snapshot_tensors
-    from quantbook.verify import dequant_nvfp4
+    from quantbook.calibrate.state import snapshot_tensors
+    from quantbook.export.layout import Checkpoint, write_serving_layout
+    from quantbook.export.verify import dequant_nvfp4
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

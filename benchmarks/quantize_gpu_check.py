@@ -4,7 +4,7 @@
     python benchmarks/quantize_gpu_check.py --bf16 BF16_DIR --out DIR    # a model that fits the GPUs
 
 Runs, each in its own run directory under --out (calibration text written here, no network):
-1. `drivers.quantize` with device cuda (use_seq_device_map when more than one GPU): status done,
+1. `calibrate.quantize` with device cuda (use_seq_device_map when more than one GPU): status done,
    every amax in the snapshot finite, the cheap state restored onto a fresh GPU model exports the
    same bytes as the run's export (restore path of step 03);
 2. the same with `layerwise: true`: export bytes equal to run 1 (KV cache off, max calibration);
@@ -25,8 +25,8 @@ from pathlib import Path
 
 
 def _tiny(out: Path) -> Path:
-    from quantbook.convert import dequantize
-    from quantbook.tiny import make_tiny
+    from quantbook.release.convert import dequantize
+    from quantbook.release.tiny import make_tiny
 
     src, bf16 = out / "tiny-FP8", out / "tiny-BF16"
     if not (src / "config.json").exists():
@@ -63,7 +63,8 @@ def _tensor_diffs(a: Path, b: Path) -> list[str]:
 def main() -> int:
     import torch
 
-    from quantbook import amax, drivers
+    from quantbook import amax, calibrate
+    from quantbook.calibrate import hf_model, settings
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -86,7 +87,7 @@ def main() -> int:
     def run(name, **over):
         hf = {**base, **over.pop("hf", {}), "export_path": str(out / f"export-{name}")}
         t0 = time.time()
-        rec = drivers.quantize({"hf_ptq": hf, **over}, out / f"run-{name}")
+        rec = calibrate.quantize({"hf_ptq": hf, **over}, out / f"run-{name}")
         snap, _ = amax.load_snapshot(out / f"run-{name}" / amax.SNAPSHOT)
         result[name] = {"status": rec["status"], "seconds": round(time.time() - t0, 1), "timings": rec["timings"],
                         "amax_tensors": len(snap),
@@ -95,14 +96,14 @@ def main() -> int:
         return out / f"export-{name}"
 
     gpu = run("gpu")
-    model, tok, manifest = drivers.restore(out / "run-gpu")
-    s = drivers.modelopt_settings(drivers.normalize(manifest["params"]))
+    model, tok, manifest = hf_model.restore(out / "run-gpu")
+    s = settings.modelopt_settings(settings.normalize(manifest["params"]))
     restored = out / "export-gpu-restored"
     import modelopt.torch.quantization as mtq
 
     restored.mkdir(exist_ok=True)
     mtq.print_quant_summary(model, str(restored))
-    drivers.export_model(model, tok, s, restored)
+    hf_model.export_model(model, tok, s, restored)
     result["restore_differs"] = _differ(gpu, restored)
     del model
     torch.cuda.empty_cache()

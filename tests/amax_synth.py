@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from quantbook.amax import SNAPSHOT, TOKEN_COUNTS, save_snapshot
-from quantbook.format import FLASH_CONFIG, PRO_CONFIG
+from quantbook.release.format import FLASH_CONFIG, PRO_CONFIG
 
 ATTN = ["self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_proj", "self_attn.o_b_proj"]
 COMPRESSOR = ["self_attn.compressor.kv_proj", "self_attn.compressor.gate_proj"]

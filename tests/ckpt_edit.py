@@ -4,7 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
-from quantbook.shards import INDEX_NAME, ShardWriter, read_header, read_range
+from quantbook.release.shards import INDEX_NAME, ShardWriter, read_header, read_range
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:

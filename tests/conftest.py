@@ -1,6 +1,9 @@
-"""Shared fixtures: tiny V4 checkpoints in the released format, built once per test session."""
+"""Shared fixtures: tiny V4 checkpoints in the released format, and one real chain run on them,
+each built once per test session and read (never changed) by the tests that use them."""
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -8,11 +11,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+REPO = Path(__file__).resolve().parents[1]
+# the shared folder beside the checkout, in CI too
+SHARED = REPO.parent / "shared"
+
 
 @pytest.fixture(scope="session")
 def tiny_src(tmp_path_factory):
     """A 4-layer tiny V4 (Flash-shaped config) in the released FP8/FP4 format. Read-only."""
-    from quantbook.tiny import make_tiny
+    from quantbook.release.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny") / "DeepSeek-V4-tiny-FP8", seed=0)
 
@@ -20,8 +27,76 @@ def tiny_src(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_bf16(tiny_src, tmp_path_factory):
     """`tiny_src` dequantized to BF16 by step 01. Read-only."""
-    from quantbook.convert import dequantize
+    from quantbook.release.convert import dequantize
 
     dst = tmp_path_factory.mktemp("tiny_bf16") / "DeepSeek-V4-tiny-BF16"
     dequantize(tiny_src, dst, workers=2, progress=False)
     return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_chain(tiny_src, tmp_path_factory):
+    """The README's main command on the embedded tiny default, once per session: the repository's
+    `params/tiny.yaml` with its paths moved under a temporary directory, the release taken from
+    `tiny_src` (the same seed the `tiny:` section builds) and the calibration text written for the
+    tests; notebooks 01 -> 04 through papermill. Read-only for the tests that share it.
+
+    Returns the paths: params, runs, run_dir, src, bf16, generic (step 02's modelopt export),
+    export (step 03's v4-serving layout), calib, and the chain's manifest and quantize record."""
+    import json
+
+    import yaml
+
+    from quantbook.params import load_params
+    from quantbook.records.runs import run_chain
+    from quantize_support import write_calib
+
+    base = tmp_path_factory.mktemp("chain")
+    text = (REPO / "params" / "tiny.yaml").read_text()
+    assert "work/tiny/" in text and "work/calib/english.jsonl" in text
+    raw = yaml.safe_load(text.replace("work/tiny/", f"{base}/tiny/").replace("work/calib/", f"{base}/calib/"))
+    src = Path(raw["dequant"]["source"])
+    src.parent.mkdir(parents=True)
+    shutil.copytree(tiny_src, src)
+    params = base / "tiny.yaml"
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    calib = write_calib(base / "calib" / "english.jsonl")
+    runs = base / "runs"
+    manifest = run_chain(params, runs_dir=runs, progress=False, echo=lambda s: None)
+    assert manifest["status"] == "complete", {k: v.get("error") for k, v in manifest["steps"].items()}
+    p = load_params(params)
+    run_dir = runs / p["name"]
+    return {"params": params, "runs": runs, "run_dir": run_dir, "src": src, "bf16": Path(p["dequant"]["destination"]),
+            "generic": Path(p["quantize"]["hf_ptq"]["export_path"]), "export": Path(p["export"]["dir"]),
+            "calib": calib, "q": p["quantize"], "manifest": manifest,
+            "record": json.loads((run_dir / "quantize.json").read_text())}
+
+
+@pytest.fixture(scope="session")
+def pro_snapshot(tmp_path_factory):
+    """A synthetic amax snapshot in V4 Pro's shape (61 layers x 384 experts, ~48,000 quantizers,
+    modelopt's names) with token counts, one expert never routed (layer 1, expert 100)."""
+    from amax_synth import make_snapshot
+
+    d = tmp_path_factory.mktemp("pro") / "a"
+    facts = make_snapshot(d, like="pro", seed=7, inject={"never_routed": [(1, 100)]})
+    return d, facts
+
+
+@pytest.fixture(scope="session")
+def tiny_nvfp4(tiny_chain, tmp_path_factory):
+    """The modelopt driver with qformat `nvfp4` (every linear) on the chain's BF16, exporting into a
+    copy of the chain's step-02 export that holds a stale file: the rerun must replace it whole."""
+    import copy
+
+    from quantbook.calibrate import quantize
+
+    base = tmp_path_factory.mktemp("nvfp4")
+    export = base / "export"
+    shutil.copytree(tiny_chain["generic"], export)
+    marker = export / "stale-file-from-the-first-run"
+    marker.write_text("x")
+    q = copy.deepcopy(tiny_chain["q"])
+    q["hf_ptq"].update(qformat="nvfp4", export_path=str(export))
+    rec = quantize(q, base / "run", progress=False)
+    return {"export": export, "marker": marker, "record": rec, "run_dir": base / "run"}

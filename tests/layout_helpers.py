@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from quantbook.layout import Checkpoint, release_expert_bf16
+from quantbook.release.shards import Checkpoint
+from quantbook.export.layout import release_expert_bf16
 
 
 def calib_batches(seed: int = 0, n: int = 2, batch: int = 2, seq: int = 32) -> list[torch.Tensor]:
@@ -35,7 +36,7 @@ def calibrate_tiny(bf16: Path, cfg_name: str = "NVFP4_EXPERTS_ONLY_CFG", seed: i
 
 def model_snapshot(model) -> dict:
     """The amax snapshot step 02 writes (quantbook.state.snapshot_tensors), as a dict."""
-    from quantbook.state import snapshot_tensors
+    from quantbook.calibrate.state import snapshot_tensors
 
     return snapshot_tensors(model)
 
@@ -44,7 +45,7 @@ def native_snapshot(src: Path, input_base: float = 3.0) -> dict:
     """A calibration-free snapshot with native quantizer names, as a streaming driver would write:
     per-expert weight amax = max |w| of the released w1/w3 (fused) and w2, one input amax per
     layer and projection (different per layer)."""
-    from quantbook.format import load_config
+    from quantbook.release.format import load_config
 
     cfg = load_config(src)
     ck = Checkpoint(src)

@@ -12,7 +12,7 @@ from xml.sax.saxutils import escape
 
 import pytest
 
-from quantbook import calib
+from quantbook.calibrate import data as calib
 from quantbook.cli import main
 
 BOOK = (

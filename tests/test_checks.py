@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from quantbook.checks import calib_samples, check_quantize_settings, is_v4, is_v4_pro
-from quantbook.format import FLASH_CONFIG, PRO_CONFIG, bf16_config, load_config
-from quantbook.params import ParamsError, load_params
-from quantbook.tiny import tiny_config
+from quantbook.calibrate.checks import calib_samples, check_quantize_settings, is_v4, is_v4_pro
+from quantbook.errors import ParamsError
+from quantbook.params import load_params
+from quantbook.release.format import FLASH_CONFIG, PRO_CONFIG, bf16_config, load_config
+from quantbook.release.tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PRO_RELEASED = load_config(PRO_CONFIG)

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from ckpt_edit import copy_checkpoint, corrupt_header, rewrite_shard
-from quantbook import convert, resume
-from quantbook.format import FormatError, load_config
-from quantbook.shards import read_header, read_index
+from quantbook.release import convert, resume
+from quantbook.errors import DestinationError
+from quantbook.errors import FormatError
+from quantbook.release.format import load_config
+from quantbook.release.shards import read_header, read_index
 
 
 def _files(d: Path) -> dict:
@@ -89,24 +91,24 @@ def test_validation_reads_every_header_before_writing(tiny_src, tmp_path):
 
 
 def test_destination_rules(tiny_src, tmp_path, monkeypatch):
-    with pytest.raises(FormatError, match="is the source, inside it or around it"):
+    with pytest.raises(DestinationError, match="is the source, inside it or around it"):
         convert.plan(tiny_src, tiny_src) and convert.check_destination(convert.plan(tiny_src, tiny_src))
-    with pytest.raises(FormatError, match="is the source, inside it or around it"):
+    with pytest.raises(DestinationError, match="is the source, inside it or around it"):
         convert.check_destination(convert.plan(tiny_src, tiny_src / "bf16"))
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(FormatError, match="not empty and holds no"):
+    with pytest.raises(DestinationError, match="not empty and holds no"):
         convert.check_destination(convert.plan(tiny_src, foreign))
     other = tmp_path / "other-src"
-    from quantbook.tiny import make_tiny
+    from quantbook.release.tiny import make_tiny
     make_tiny(other, seed=1)
     dst = tmp_path / "dst"
     convert.dequantize(other, dst, progress=False)
-    with pytest.raises(FormatError, match="holds a run of another source"):
+    with pytest.raises(DestinationError, match="holds a run of another source"):
         convert.check_destination(convert.plan(tiny_src, dst))
     monkeypatch.setattr(resume, "free_disk", lambda path: 1000)
-    with pytest.raises(FormatError, match=r"GiB still to write, 0.00 GiB free"):
+    with pytest.raises(DestinationError, match=r"GiB still to write, 0.00 GiB free"):
         convert.check_destination(convert.plan(tiny_src, tmp_path / "new"))
 
 
@@ -186,8 +188,8 @@ def test_rerun_skips_verified_and_redoes_damaged(tiny_src, tmp_path):
 
 
 def _random_src(tmp_path_factory, name, layers, experts, **dims):
-    from quantbook.format import FLASH_CONFIG
-    from quantbook.tiny import random_code_tensors, tiny_config, write_checkpoint
+    from quantbook.release.format import FLASH_CONFIG
+    from quantbook.release.tiny import random_code_tensors, tiny_config, write_checkpoint
 
     cfg = tiny_config(load_config(FLASH_CONFIG), layers=layers, experts=experts)
     cfg.update(dims)

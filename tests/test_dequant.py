@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from quantbook.dequant import dequant_fp4, dequant_fp4_formula, dequant_fp8, dequant_fp8_formula
-from quantbook.format import FP4_WEIGHT, FP8_WEIGHT, expected_tensors, load_config
-from quantbook.shards import read_index
+from quantbook.release.dequant import dequant_fp4, dequant_fp4_formula, dequant_fp8, dequant_fp8_formula
+from quantbook.release.format import FP4_WEIGHT, FP8_WEIGHT, expected_tensors, load_config
+from quantbook.release.shards import read_index
 from reference import fp4_reference, fp8_reference, same_bits
 
 
@@ -68,9 +68,9 @@ def test_fp32_scales_take_the_formula_route():
 @pytest.mark.parametrize("like", ["flash", "pro"])
 def test_every_tensor_of_tiny_checkpoints(tmp_path, like):
     """Dequantize tiny checkpoints of both configs and compare every output tensor."""
-    from quantbook.format import named_config
-    from quantbook.convert import dequantize
-    from quantbook.tiny import make_tiny
+    from quantbook.release.convert import dequantize
+    from quantbook.release.format import named_config
+    from quantbook.release.tiny import make_tiny
 
     src = make_tiny(tmp_path / "src", like=named_config(like), seed=7)
     dst = tmp_path / "dst"
@@ -105,7 +105,7 @@ def test_every_tensor_of_tiny_checkpoints(tmp_path, like):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
 def test_cuda_route_is_bit_identical_to_cpu(tiny_src, tiny_bf16, tmp_path):
     """The GPU route (the formula, on the device) writes the same shards as the CPU table route."""
-    from quantbook.convert import MANIFEST, dequantize
+    from quantbook.release.convert import MANIFEST, dequantize
 
     gpu = tmp_path / "gpu"
     dequantize(tiny_src, gpu, workers=2, device="cuda", progress=False)

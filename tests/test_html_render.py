@@ -9,11 +9,11 @@ import os
 import numpy as np
 import pytest
 import yaml
+
 from amax_synth import make_snapshot
 from browser import find_chromium, render_report, screenshot
-
-from quantbook.memory import MemorySampler
-from quantbook.runs import run_chain
+from quantbook.records.memory import MemorySampler
+from quantbook.records.runs import run_chain
 
 if find_chromium() is None:
     if os.environ.get("QUANTBOOK_REQUIRE_CHROMIUM") == "1":

@@ -3,6 +3,7 @@ the lossless MXFP4 cast, refusals, and an export killed with SIGKILL then resume
 
 import json
 import math
+import re
 import os
 import shutil
 import signal
@@ -14,29 +15,30 @@ from pathlib import Path
 import pytest
 import torch
 
-from layout_helpers import calibrate_tiny, files, model_snapshot, native_snapshot, raw_bytes, to_native_names
-from quantbook import layout
+from layout_helpers import files, native_snapshot, raw_bytes, to_native_names
 from quantbook.amax import save_snapshot
-from quantbook.dequant import dequant_fp4
-from quantbook.format import PRO_CONFIG, load_config
-from quantbook.layout import MANIFEST, Checkpoint, LayoutError, write_serving_layout
-from quantbook.shards import INDEX_NAME, read_header
+from quantbook.export import layout
+from quantbook.errors import DestinationError, FormatError, LayoutError
+from quantbook.release.shards import Checkpoint
+from quantbook.export.layout import MANIFEST, write_serving_layout
+from quantbook.release.dequant import dequant_fp4
+from quantbook.release.format import PRO_CONFIG, load_config
+from quantbook.release.shards import INDEX_NAME, read_header
 
-REF_DIR = Path("/work/shared/reference/deepseek-v4/nvfp4-serving-layout")
-REPO_REF = Path(__file__).resolve().parents[1] / "lib" / "quantbook" / "configs"
+# the shared folder beside the checkout (in CI too): NVIDIA's published DeepSeek-V4-Pro-NVFP4 configs
+REF_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "deepseek-v4" / "nvfp4-serving-layout"
+# the test's own statement of which released tensors the layout replaces (main layers' routed experts)
+RELEASED_EXPERT = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.(weight|scale)$")
 SUFFIXES = ("weight", "weight_scale", "weight_scale_2", "input_scale")
 
 
 @pytest.fixture(scope="module")
-def calibrated(tiny_bf16, tmp_path_factory):
-    """modelopt's own export of the calibrated tiny model, and the amax snapshot of the same model."""
-    from modelopt.torch.export import export_hf_checkpoint
+def calibrated(tiny_chain):
+    """The amax snapshot of the chain's calibrated tiny model, and modelopt's own export of it (step 02)."""
+    from quantbook.amax import load_snapshot
 
-    model = calibrate_tiny(tiny_bf16)
-    snap = model_snapshot(model)
-    out = tmp_path_factory.mktemp("modelopt") / "export"
-    export_hf_checkpoint(model, export_dir=out)
-    return snap, out
+    snap, _ = load_snapshot(tiny_chain["run_dir"] / "amax.safetensors")
+    return snap, tiny_chain["generic"]
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +76,8 @@ def test_layout_is_the_contract(serving, tiny_src):
     src, out = Checkpoint(tiny_src), Checkpoint(dst)
     assert sorted(p.name for p in dst.glob("*.safetensors")) == sorted(p.name for p in tiny_src.glob("*.safetensors"))
     assert not list(dst.glob("*.partial"))
-    expert = layout.EXPERT_TENSOR
     for name in src.weight_map:
-        m = expert.match(name)
+        m = RELEASED_EXPERT.match(name)
         if m and m.group(4) == "scale":
             assert name not in out, f"{name}: the released E8M0 scale must be dropped"
         elif m:
@@ -113,9 +114,7 @@ def test_layout_is_the_contract(serving, tiny_src):
 
 def test_configs_equal_nvidias_published_ones():
     """config.json / hf_quant_config.json for V4 Pro equal NVIDIA's DeepSeek-V4-Pro-NVFP4 files."""
-    pro = load_config(REPO_REF / "DeepSeek-V4-Pro.json")
-    if not REF_DIR.is_dir():
-        pytest.skip(f"{REF_DIR} not present")
+    pro = load_config(PRO_CONFIG)
     assert layout.serving_config(pro) == json.loads((REF_DIR / "config.json").read_text())
     assert layout.hf_quant_config(pro) == json.loads((REF_DIR / "hf_quant_config.json").read_text())
 
@@ -205,7 +204,7 @@ def test_amax_anomalies_are_filled_and_listed(tiny_src, tmp_path):
     want = max(w13_max, float(valid_input[f"{p}.w3.input_quantizer._amax"]))
     assert _scalar(ck, f"{p}.w1.input_scale") == pytest.approx(want / 2688, rel=1e-6)
 
-    from quantbook.verify import verify
+    from quantbook.export.verify import verify
 
     r = verify(out, source=tiny_src, progress=False)
     assert r["verdict"] == "pass", r["reasons"]
@@ -236,14 +235,14 @@ def test_destination_refusals(serving, tiny_src, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(LayoutError, match="holds no quantbook-layout.json"):
+    with pytest.raises(DestinationError, match="holds no quantbook-layout.json"):
         write_serving_layout(tiny_src, snap_path, foreign, progress=False)
-    with pytest.raises(LayoutError, match="is the source, inside it or around it"):
+    with pytest.raises(DestinationError, match="is the source, inside it or around it"):
         write_serving_layout(tiny_src, snap_path, tiny_src / "out", progress=False)
     other = native_snapshot(tiny_src, input_base=5.0)
-    with pytest.raises(LayoutError, match="other amax"):
+    with pytest.raises(DestinationError, match="other amax"):
         write_serving_layout(tiny_src, other, dst, progress=False)
-    with pytest.raises(LayoutError, match="other options"):
+    with pytest.raises(DestinationError, match="other options"):
         write_serving_layout(tiny_src, snap_path, dst, cast_mxfp4_to_nvfp4=True, progress=False)
 
 
@@ -259,7 +258,7 @@ def test_rerun_of_a_complete_export_skips_every_shard(serving, tiny_src, tmp_pat
 
 CHILD = textwrap.dedent("""
     import sys, time
-    from quantbook import layout
+    from quantbook.export import layout
     src, snap, dst, target = sys.argv[1:5]
 
     class Stalling(layout.ShardWriter):
@@ -303,10 +302,10 @@ def test_sigkill_mid_export_then_resume_is_bit_identical(serving, tiny_src, tmp_
     m = json.loads((dst / MANIFEST).read_text())
     assert m["complete"] is False and len(m["shards"]) == 3
 
-    from quantbook.verify import verify
+    from quantbook.export.verify import verify
 
     assert not (dst / "config.json").exists()
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FormatError):
         verify(dst, progress=False)  # nothing there reads as an export
 
     report = write_serving_layout(tiny_src, snap_path, dst, progress=False)
@@ -355,7 +354,7 @@ def test_lossless_mxfp4_cast(tiny_src, tmp_path):
                 if (i, j, w) != (1, 2, "w3"):
                     assert torch.equal(codes, released), f"{p}.{w}: codes differ from the release"
     # every lossless block dequantizes to exactly the released value
-    from quantbook.verify import dequant_nvfp4
+    from quantbook.export.verify import dequant_nvfp4
 
     p = "layers.1.ffn.experts.2.w3"
     got = dequant_nvfp4(ck.tensor(f"{p}.weight"), ck.tensor(f"{p}.weight_scale"), ck.tensor(f"{p}.weight_scale_2"))
@@ -363,32 +362,22 @@ def test_lossless_mxfp4_cast(tiny_src, tmp_path):
     same = (got == want).reshape(128, -1, 32).all(dim=2)
     assert int((~same).sum()) <= lossy_blocks and bool(same.reshape(-1)[lossy_blocks:].all())
 
-    from quantbook.verify import verify
+    from quantbook.export.verify import verify
 
     r = verify(out, source=src, progress=False)
     assert r["verdict"] == "pass", r["reasons"]
 
 
-def test_pro_shaped_amax_resolves_quickly():
-    """61 layers x 384 experts of modelopt-named amax (synthetic) map and resolve in seconds."""
-    import time
-
-    from amax_synth import make_snapshot
-
-    cfg = load_config(PRO_CONFIG)
-    t0 = time.time()
+def test_pro_shaped_amax_resolves(pro_snapshot):
+    """61 layers x 384 experts of modelopt-named amax (synthetic) map and resolve, every value usable."""
     from quantbook.amax import load_snapshot
 
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        make_snapshot(d, like="pro")
-        snap, _ = load_snapshot(Path(d) / "amax.safetensors")
+    cfg = load_config(PRO_CONFIG)
+    snap, _ = load_snapshot(pro_snapshot[0] / "amax.safetensors")
     ea = layout.expert_amax(snap, cfg)
     assert len(ea.weight) == 61 * 384 * 3 and len(ea.input) == 61 * 384 * 3
     res = layout.resolve_amax(ea, cfg, None)
     assert res.table.shape == (61, 384, 4) and bool((res.table > 0).all())
-    assert time.time() - t0 < 60
 
 
 def test_weight_amax_that_is_not_this_releases_is_flagged(tiny_src, tmp_path):
@@ -404,7 +393,7 @@ def test_weight_amax_that_is_not_this_releases_is_flagged(tiny_src, tmp_path):
         ["layers.0.ffn.experts.0.w2", "layers.2.ffn.experts.4.w1/w3"]
     assert "WARNING: 2 expert weight amax differ" in layout.report_summary(report)
 
-    from quantbook.verify import verify
+    from quantbook.export.verify import verify
 
     r = verify(out, source=tiny_src, progress=False)
     assert r["verdict"] == "fail"

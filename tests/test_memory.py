@@ -12,8 +12,8 @@ import pytest
 
 matplotlib.use("Agg")
 
-from quantbook import memory
-from quantbook.memory import MemorySampler, phase_spans, plot_memory, read_memory
+from quantbook.records import memory
+from quantbook.records.memory import MemorySampler, phase_spans, plot_memory, read_memory
 
 
 def _fake_pynvml(used_mib=None, fail_init=False):
@@ -123,7 +123,7 @@ def test_killed_step_leaves_rows_and_unfinished_phase(tmp_path):
     code = textwrap.dedent(f"""
         import os, time, sys
         sys.modules['pynvml'] = None  # import fails -> RSS only
-        from quantbook.memory import MemorySampler
+        from quantbook.records.memory import MemorySampler
         mem = MemorySampler({str(tmp_path)!r}, step="02_quantize", interval=0.05).start()
         with mem.phase("calibrate"):
             time.sleep(0.4)

@@ -21,10 +21,11 @@ NATIVE = {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}
 
 
 def test_version_gate(monkeypatch):
-    from quantbook import patches
+    from quantbook import errors
+    from quantbook.calibrate import patches
 
     monkeypatch.setattr(patches, "modelopt_version", lambda: "0.46.1")
-    with pytest.raises(patches.PatchError, match="0.46.1"):
+    with pytest.raises(errors.PatchError, match="0.46.1"):
         patches.apply()
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
@@ -36,7 +37,7 @@ def test_apply_is_idempotent():
     from modelopt.torch.quantization.nn.modules.tensor_quantizer import TensorQuantizer
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
-    from quantbook import patches
+    from quantbook.calibrate import patches
 
     assert patches.apply() == list(patches.PATCHES)
     before = (TensorQuantizer.load_calib_amax, TensorQuantizer.export_amax,
@@ -68,15 +69,15 @@ def raw(tiny_bf16, tmp_path_factory):
     import modelopt.torch.quantization as mtq
     from modelopt.torch.utils.dataset_utils import create_forward_loop
 
-    from quantbook import drivers, patches, state
+    from quantbook.calibrate import hf_model, patches, settings, state
 
     patches.apply()
     base = tmp_path_factory.mktemp("patches")
     q = tiny_q(tiny_bf16, base / "unused", write_calib(base / "calib.jsonl"))
-    s = drivers.modelopt_settings(drivers.normalize(q))
-    model = drivers.load_model(s)
-    tok, _, _ = drivers.load_tokenizer(s["pyt_ckpt_path"])
-    inner = create_forward_loop(dataloader=drivers.make_dataloader(s, tok, "cpu"))
+    s = settings.modelopt_settings(settings.normalize(q))
+    model = hf_model.load_model(s)
+    tok, _, _ = hf_model.load_tokenizer(s["pyt_ckpt_path"])
+    inner = create_forward_loop(dataloader=hf_model.make_dataloader(s, tok, "cpu"))
     calls = []
 
     def loop(m):
@@ -86,7 +87,7 @@ def raw(tiny_bf16, tmp_path_factory):
         starved.load_calib_amax = lambda *a, **k: (calls.append(a), original(*a, **k))[1]
         inner(m)
 
-    model = mtq.quantize(model, drivers.build_quant_cfg(s), forward_loop=loop)
+    model = mtq.quantize(model, hf_model.build_quant_cfg(s), forward_loop=loop)
     starved = model.get_submodule(STARVED)
     assert starved.is_enabled and "_amax" not in starved._buffers and calls == []  # never loaded
     del starved._calibrator.collect, starved.load_calib_amax  # the test's instrumentation, not state
@@ -100,14 +101,14 @@ def raw(tiny_bf16, tmp_path_factory):
 def _restore_injected(s, raw_state):
     import torch
 
-    from quantbook import drivers, state
+    from quantbook.calibrate import hf_model, state
 
-    model = state.restore_into(drivers.load_model(s), raw_state)
+    model = state.restore_into(hf_model.load_model(s), raw_state)
     for name, (value, _) in INJECT.items():
         qq = model.get_submodule(name)
         qq._buffers["_amax"] = torch.full_like(qq._buffers["_amax"], value)
     assert "_amax" not in model.get_submodule(STARVED)._buffers
-    tok, side, pad = drivers.load_tokenizer(s["pyt_ckpt_path"])
+    tok, side, pad = hf_model.load_tokenizer(s["pyt_ckpt_path"])
     return model, tok, side, pad
 
 
@@ -128,14 +129,15 @@ def test_hook_repairs_every_bad_amax_and_lists_it(raw, tmp_path):
     the same projection in other layers, listed by quantizer name, and exported finite."""
     import torch
 
-    from quantbook import amax, drivers, patches, state
+    from quantbook import amax
+    from quantbook.calibrate import hf_model, patches, state
 
     q, s, raw_state, clean = raw
-    patches.reset_report()
+    ledger = patches.Ledger()
     model, tok, side, pad = _restore_injected(s, raw_state)
-    rec = state.post_calibration(model, tmp_path / "run", q, model_path=s["pyt_ckpt_path"], progress=False)
+    rec = state.post_calibration(model, tmp_path / "run", q, ledger, model_path=s["pyt_ckpt_path"], progress=False)
     out = tmp_path / "export"
-    drivers.export_model(model, tok, s, out, side, pad)
+    hf_model.export_model(model, tok, s, out, side, pad)
 
     gate_up = max(clean[f"model.layers.{i}.mlp.experts.gate_up_proj_input_quantizer"] for i in (2, 3))
     down = clean["model.layers.0.mlp.experts.down_proj_input_quantizer"]
@@ -143,7 +145,7 @@ def test_hook_repairs_every_bad_amax_and_lists_it(raw, tmp_path):
     want[STARVED] = ("missing", down)
     got = {r["quantizer"]: (r["problem"], r["replacement"]) for r in rec["amax_repairs"]}
     assert got == want
-    assert {r["quantizer"] for r in patches.bad_amax_report()} == set(want)
+    assert {r["quantizer"] for r in ledger.report()} == set(want)
     assert set(rec["amax_problems_before_repair"]) == set(want)
 
     scales = _scales(out)
@@ -158,7 +160,7 @@ def test_hook_repairs_every_bad_amax_and_lists_it(raw, tmp_path):
     assert torch.isnan(snap["model.layers.1.mlp.experts.gate_up_proj_input_quantizer._amax"]).all()
     assert STARVED + "._amax" not in snap
     # ... and the saved state the repaired ones, so a recovery export writes the same scales
-    restored = state.restore_into(drivers.load_model(s), tmp_path / "run" / state.STATE_DIR)
+    restored = state.restore_into(hf_model.load_model(s), tmp_path / "run" / state.STATE_DIR)
     assert float(restored.get_submodule(STARVED)._amax) == down
     assert state.validate_amax(restored)["problems"] == {}
 
@@ -169,11 +171,12 @@ def test_export_guard_without_repair(raw, tmp_path):
     import torch
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
-    from quantbook import drivers, patches
+    from quantbook.calibrate import hf_model, patches
 
     q, s, raw_state, clean = raw
-    patches.reset_report()  # no fallback registered: modelopt's maxbound, recorded as such
     model, tok, side, pad = _restore_injected(s, raw_state)
+    ledger = patches.Ledger()  # names only, no fallback set: modelopt's maxbound, recorded as such
+    ledger.attach(model)
 
     neg = model.get_submodule("model.layers.3.mlp.experts.down_proj_input_quantizer")
     with pytest.raises(AssertionError, match="not positive"):  # unpatched modelopt aborts the export
@@ -182,8 +185,8 @@ def test_export_guard_without_repair(raw, tmp_path):
     out = tmp_path / "export"
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        drivers.export_model(model, tok, s, out, side, pad)
-    report = {r["quantizer"]: r for r in patches.bad_amax_report()}
+        hf_model.export_model(model, tok, s, out, side, pad)
+    report = {r["quantizer"]: r for r in ledger.report()}
     assert set(report) == set(INJECT)
     for name, (_, problem) in INJECT.items():
         assert report[name]["problem"] == problem and report[name]["seen_in"] == ["export input_scale"]
@@ -210,21 +213,21 @@ def test_cuda_calibration_leaves_amax_on_cpu(tiny_bf16, tmp_path):
     import torch
     from modelopt.torch.utils.dataset_utils import create_forward_loop
 
-    from quantbook import drivers, patches, state
+    from quantbook.calibrate import hf_model, patches, settings, state
 
     patches.apply()
     q = tiny_q(tiny_bf16, tmp_path / "export", write_calib(tmp_path / "calib.jsonl"), hf_ptq={"device": "cuda"})
-    s = drivers.modelopt_settings(drivers.normalize(q))
-    model = drivers.load_model(s)
+    s = settings.modelopt_settings(settings.normalize(q))
+    model = hf_model.load_model(s)
     assert next(model.parameters()).is_cuda
-    tok, side, pad = drivers.load_tokenizer(s["pyt_ckpt_path"])
-    dl = drivers.make_dataloader(s, tok, drivers.model_device(model))
-    model = mtq.quantize(model, drivers.build_quant_cfg(s), forward_loop=create_forward_loop(dataloader=dl))
+    tok, side, pad = hf_model.load_tokenizer(s["pyt_ckpt_path"])
+    dl = hf_model.make_dataloader(s, tok, hf_model.model_device(model))
+    model = mtq.quantize(model, hf_model.build_quant_cfg(s), forward_loop=create_forward_loop(dataloader=dl))
     devices = {qq._buffers["_amax"].device.type for _, qq in state.iter_quantizers(model) if "_amax" in qq._buffers}
     assert devices == {"cpu"}
     with torch.no_grad():
         model(next(iter(dl))["input_ids"], use_cache=False)
-    drivers.export_model(model, tok, s, tmp_path / "export", side, pad)
+    hf_model.export_model(model, tok, s, tmp_path / "export", side, pad)
     from safetensors.torch import load_file
 
     scales = {k: v for k, v in load_file(str(tmp_path / "export" / "model.safetensors")).items()

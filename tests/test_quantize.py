@@ -20,13 +20,9 @@ def calib_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def experts_only_run(tiny_bf16, calib_file, tmp_path_factory):
-    from quantbook import drivers
-
-    base = tmp_path_factory.mktemp("q")
-    q = tiny_q(tiny_bf16, base / "export", calib_file)
-    rec = drivers.quantize(q, base / "run")
-    return q, base / "run", base / "export", rec
+def experts_only_run(tiny_chain):
+    """Step 02 of the session's chain run (params/tiny.yaml: nvfp4_experts_only, the modelopt driver)."""
+    return tiny_chain["q"], tiny_chain["run_dir"], tiny_chain["generic"], tiny_chain["record"]
 
 
 def _tensors(path: Path) -> dict:
@@ -35,8 +31,9 @@ def _tensors(path: Path) -> dict:
     return load_file(str(path))
 
 
-def test_end_to_end_records_state_snapshot_and_export(experts_only_run, tiny_bf16):
-    from quantbook import amax, patches, state
+def test_end_to_end_records_state_snapshot_and_export(experts_only_run, tiny_chain):
+    from quantbook import amax
+    from quantbook.calibrate import patches, state
 
     q, run_dir, export, rec = experts_only_run
     assert rec["status"] == "done"
@@ -47,6 +44,7 @@ def test_end_to_end_records_state_snapshot_and_export(experts_only_run, tiny_bf1
 
     # export: every routed expert projection has all four NVFP4 tensors with positive finite scalars
     t = _tensors(export / "model.safetensors")
+    tiny_bf16 = tiny_chain["bf16"]
     cfg = json.loads((tiny_bf16 / "config.json").read_text())
     for i in range(cfg["num_hidden_layers"]):
         for j in range(cfg["n_routed_experts"]):
@@ -98,16 +96,9 @@ def test_end_to_end_records_state_snapshot_and_export(experts_only_run, tiny_bf1
         assert f",{phase}," in mem
 
 
-def test_nvfp4_every_linear_replaces_previous_export(experts_only_run, tiny_bf16, calib_file, tmp_path):
+def test_nvfp4_every_linear_replaces_previous_export(tiny_nvfp4):
     """Recipe `nvfp4` quantizes attention too; a rerun into the same export path swaps it in whole."""
-    from quantbook import drivers
-
-    q, _, export, _ = experts_only_run
-    q2 = json.loads(json.dumps(q))
-    q2["hf_ptq"]["qformat"] = "nvfp4"
-    marker = export / "stale-file-from-the-first-run"
-    marker.write_text("x")
-    rec = drivers.quantize(q2, tmp_path / "run")
+    export, marker, rec = tiny_nvfp4["export"], tiny_nvfp4["marker"], tiny_nvfp4["record"]
     assert rec["status"] == "done"
     assert not marker.exists() and not Path(str(export) + ".previous").exists()
     t = _tensors(export / "model.safetensors")
@@ -120,60 +111,64 @@ def test_nvfp4_every_linear_replaces_previous_export(experts_only_run, tiny_bf16
 def test_kv_cache_guard_refuses_a_cache_in_calibration(tiny_bf16):
     import torch
 
-    from quantbook import drivers
+    from quantbook import errors
+    from quantbook.calibrate import hf_model, settings
 
-    s = drivers.modelopt_settings(drivers.normalize({"hf_ptq": {"pyt_ckpt_path": str(tiny_bf16), "device": "cpu"}}))
-    model = drivers.load_model(s)
+    s = settings.modelopt_settings(settings.normalize({"hf_ptq": {"pyt_ckpt_path": str(tiny_bf16), "device": "cpu"}}))
+    model = hf_model.load_model(s)
     assert {p.device.type for p in model.parameters()} == {"cpu"}
     assert {p.dtype for p in model.parameters()} >= {torch.bfloat16}
     ids = torch.tensor([[0, 5, 6, 7]])
-    with drivers.kv_cache_off_guard(model):
+    with hf_model.kv_cache_off_guard(model):
         model(ids, use_cache=False)  # the calibration forward: no cache, passes
-        with pytest.raises(drivers.QuantizeError, match="KV cache"):
+        with pytest.raises(errors.QuantizeError, match="KV cache"):
             model(ids, use_cache=True)
     model(ids, use_cache=True)  # guard removed
 
 
 def test_settings_refused_before_loading(tiny_bf16, calib_file, tmp_path):
-    from quantbook import drivers
-    from quantbook.params import ParamsError
+    from quantbook import calibrate, errors
+    from quantbook.calibrate import settings
+    from quantbook.errors import ParamsError
 
     with pytest.raises(ParamsError, match="unknown key"):
-        drivers.normalize({"driverr": "modelopt"})
+        settings.normalize({"driverr": "modelopt"})
     with pytest.raises(ParamsError, match="only by the hf_ptq driver"):
-        drivers.modelopt_settings({"hf_ptq": {"pyt_ckpt_path": "x", "use_fsdp2": True}})
+        settings.modelopt_settings({"hf_ptq": {"pyt_ckpt_path": "x", "use_fsdp2": True}})
     with pytest.raises(ParamsError, match="unknown hf_ptq flag"):
-        drivers.modelopt_settings({"hf_ptq": {"pyt_ckpt_path": "x", "calib": 128}})
+        settings.modelopt_settings({"hf_ptq": {"pyt_ckpt_path": "x", "calib": 128}})
     q = tiny_q(tiny_bf16, tmp_path / "e", tmp_path / "missing.jsonl")
-    with pytest.raises(drivers.QuantizeError, match="calib-data"):
-        drivers.preflight(q)
+    with pytest.raises(errors.QuantizeError, match="calib-data"):
+        calibrate.preflight(q, tmp_path / "run")
     with pytest.raises(ParamsError, match="low_memory_mode"):
-        drivers.preflight(tiny_q(tiny_bf16, tmp_path / "e", calib_file, hf_ptq={"low_memory_mode": True}))
+        calibrate.preflight(tiny_q(tiny_bf16, tmp_path / "e", calib_file, hf_ptq={"low_memory_mode": True}),
+                            tmp_path / "run")
     with pytest.raises(ParamsError, match="batch_size"):
-        drivers.preflight(tiny_q(tiny_bf16, tmp_path / "e", calib_file, hf_ptq={"batch_size": 0}))
+        calibrate.preflight(tiny_q(tiny_bf16, tmp_path / "e", calib_file, hf_ptq={"batch_size": 0}), tmp_path / "run")
     import torch
 
     if not torch.cuda.is_available():
-        with pytest.raises(drivers.QuantizeError, match="CUDA"):
-            drivers.preflight(tiny_q(tiny_bf16, tmp_path / "e", calib_file, hf_ptq={"device": "cuda"}))
+        with pytest.raises(errors.QuantizeError, match="CUDA"):
+            calibrate.preflight(tiny_q(tiny_bf16, tmp_path / "e", calib_file, hf_ptq={"device": "cuda"}),
+                                tmp_path / "run")
     # a failed run leaves a failed record
     bad = tiny_q(tiny_bf16, tmp_path / "e", calib_file, hf_ptq={"qformat": "no_such_preset"})
-    with pytest.raises(drivers.QuantizeError, match="no_such_preset"):
-        drivers.quantize(bad, tmp_path / "run")
+    with pytest.raises(errors.QuantizeError, match="no_such_preset"):
+        calibrate.quantize(bad, tmp_path / "run")
     rec = json.loads((tmp_path / "run" / "quantize.json").read_text())
     assert rec["status"] == "failed" and "no_such_preset" in rec["error"]
 
 
 def test_params_tiny_quantize_section():
     """params/tiny.yaml's quantize section: anchors resolved, accepted by the driver and the checks."""
-    from quantbook import drivers
-    from quantbook.checks import check_quantize_settings
+    from quantbook.calibrate import settings
+    from quantbook.calibrate.checks import check_quantize_settings
     from quantbook.params import load_params
 
     root = Path(__file__).resolve().parents[1]
     p = load_params(root / "params" / "tiny.yaml")
-    q = drivers.normalize(p["quantize"])
+    q = settings.normalize(p["quantize"])
     assert q["hf_ptq"]["pyt_ckpt_path"] == p["dequant"]["destination"]
-    s = drivers.modelopt_settings(q)
+    s = settings.modelopt_settings(q)
     assert s["qformat"] == "nvfp4_experts_only" and s["device"] == "cpu" and s["batch_size"] > 0
     check_quantize_settings(q, None)

@@ -53,13 +53,14 @@ def _kill_after_first_layer(params: Path, runs: Path, run_id: str, timeout: floa
 
 
 def test_kill_refuse_stale_resume_identical(tiny_bf16, tmp_path):
-    from quantbook import amax, drivers, state
+    from quantbook import amax, calibrate
+    from quantbook.calibrate import state
 
     calib = write_calib(tmp_path / "calib.jsonl")
 
     # the reference: an uninterrupted layerwise run
     ref_q = tiny_q(tiny_bf16, tmp_path / "export-ref", calib, layerwise=True)
-    ref = drivers.quantize(ref_q, tmp_path / "runs" / "ref")
+    ref = calibrate.quantize(ref_q, tmp_path / "runs" / "ref")
     assert ref["status"] == "done" and ref["layerwise"]["resume"] is False
 
     # the same settings, killed with SIGKILL after the first committed layer
@@ -75,11 +76,11 @@ def test_kill_refuse_stale_resume_identical(tiny_bf16, tmp_path):
     # other calibration data with the same layer count: refused, the checkpoint left intact
     stale = tiny_q(tiny_bf16, tmp_path / "export", calib, layerwise=True, hf_ptq={"calib_size": 12})
     with pytest.raises(state.StaleCheckpoint, match="calibration"):
-        drivers.quantize(stale, run_dir)
+        calibrate.quantize(stale, run_dir)
     assert json.loads((run_dir / "layerwise" / "ckpt" / "manifest.json").read_text()) == progress
 
     # the same settings: resumes after the last committed layer and ends with the same bytes
-    rec = drivers.quantize(q, run_dir)
+    rec = calibrate.quantize(q, run_dir)
     assert rec["status"] == "done"
     assert rec["layerwise"]["resume"] is True and rec["layerwise"]["start_layer"] == last + 1
     assert_same_files(tmp_path / "export-ref", tmp_path / "export")

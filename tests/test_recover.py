@@ -8,42 +8,33 @@ from pathlib import Path
 import pytest
 import yaml
 
-from layout_helpers import calibrate_tiny, files, model_snapshot
-from quantbook import recover, state
-from quantbook.layout import MANIFEST as LAYOUT_MANIFEST
-from quantbook.layout import write_serving_layout
+from layout_helpers import files, model_snapshot
+from quantbook.calibrate import state
+from quantbook.export import recover
+from quantbook.export.layout import MANIFEST as LAYOUT_MANIFEST
+from quantbook.export.layout import write_serving_layout
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "03_recover_export.ipynb"
-
-
-def _q(bf16: Path, export_path: Path) -> dict:
-    return {"driver": "modelopt", "hf_ptq": {"pyt_ckpt_path": str(bf16), "export_path": str(export_path),
-                                             "qformat": "nvfp4_experts_only", "kv_cache_qformat": "none",
-                                             "device": "cpu", "batch_size": 2, "skip_generate": True}}
 
 
 @pytest.fixture(scope="module")
-def run(tiny_bf16, tmp_path_factory):
-    """A calibrated tiny run as step 02 leaves it (snapshot + cheap state), and its direct export."""
-    import modelopt.torch.quantization as mtq
-
-    from quantbook import drivers
+def run(tiny_chain, tmp_path_factory):
+    """A copy of the chain's calibrated run as step 02 left it (snapshot + cheap state), its direct
+    (modelopt) export, the snapshot as an in-memory dict, and the same state saved with the full
+    state dict (mto.save) from the model the cheap state restores."""
+    from quantbook.amax import load_snapshot
+    from quantbook.calibrate import hf_model
 
     root = tmp_path_factory.mktemp("run")
-    run_dir, direct = root / "runs" / "tiny", root / "direct"
-    q = _q(tiny_bf16, direct)
-    model = calibrate_tiny(tiny_bf16)
-    live = model_snapshot(model)
-    direct.mkdir(parents=True)
-    mtq.print_quant_summary(model, str(direct))  # as step 02 does (verbose)
-    state.post_calibration(model, run_dir, q, model_path=str(tiny_bf16), progress=False)
-    # the same state saved with the full state dict (mto.save), before the export changes the model
+    run_dir = root / "runs" / "tiny"
+    shutil.copytree(tiny_chain["run_dir"], run_dir)
+    for step_record in ("export.json", "verify.json", "verify.md"):  # what step 03 left: written again here
+        (run_dir / step_record).unlink()
+    model, _, manifest = hf_model.restore(run_dir)
     full_state = root / "full_state"
-    state.save_cheap_state(model, full_state, q=q, model_path=str(tiny_bf16), save_full=True)
-    s = drivers.modelopt_settings(drivers.normalize(q))
-    tok, side, pad = drivers.load_tokenizer(str(tiny_bf16))
-    drivers.export_model(model, tok, s, direct, side, pad)
-    return {"dir": run_dir, "direct": direct, "q": q, "live": live, "full_state": full_state}
+    state.save_cheap_state(model, full_state, q=manifest["params"], model_path=str(tiny_chain["bf16"]), save_full=True)
+    live, _ = load_snapshot(run_dir / "amax.safetensors")
+    return {"dir": run_dir, "direct": tiny_chain["generic"], "q": tiny_chain["q"], "live": live,
+            "full_state": full_state}
 
 
 def _full_state_only(run, dst: Path) -> Path:
@@ -60,7 +51,8 @@ def _full_state_only(run, dst: Path) -> Path:
     return dst
 
 
-def test_generic_recovery_is_bit_identical_to_the_direct_export(run, tiny_bf16, tmp_path):
+def test_generic_recovery_is_bit_identical_to_the_direct_export(run, tiny_chain, tmp_path):
+    tiny_bf16 = tiny_chain["bf16"]  # the model of the direct export: its sidecar files are copied too
     out = tmp_path / "generic"
     rec = recover.export({"layout": "generic", "dir": str(out), "reference": str(tiny_bf16)}, run["dir"],
                          progress=False)
@@ -80,7 +72,7 @@ def test_generic_recovery_is_bit_identical_to_the_direct_export(run, tiny_bf16, 
 
 def test_v4_serving_gives_the_same_bytes_from_every_saved_form(run, tiny_src, tiny_bf16, tmp_path):
     """Snapshot, cheap state, full state, a restored model's amax and the live model's amax: one export."""
-    from quantbook import drivers
+    from quantbook.calibrate import hf_model
 
     e = {"layout": "v4-serving", "source": str(tiny_src), "reference": str(tiny_bf16)}
     outs = {}
@@ -101,7 +93,7 @@ def test_v4_serving_gives_the_same_bytes_from_every_saved_form(run, tiny_src, ti
     assert rec["amax_origin"].endswith(state.FULL_STATE) and rec["verdict"] == "pass"
     outs["full"] = tmp_path / "full"
 
-    model, _, _ = drivers.restore(run["dir"])
+    model, _, _ = hf_model.restore(run["dir"])
     write_serving_layout(tiny_src, model_snapshot(model), tmp_path / "restored", progress=False)
     outs["restored"] = tmp_path / "restored"
     write_serving_layout(tiny_src, run["live"], tmp_path / "live", progress=False)
@@ -195,21 +187,17 @@ def test_cli_export_only_and_validate_only(run, tiny_src, tiny_bf16, tmp_path, c
     assert "no calibrated amax" in capsys.readouterr().err
 
 
-def test_notebook_03_runs_under_papermill(run, tiny_src, tiny_bf16, tmp_path):
+def test_notebook_03_in_the_chain(tiny_chain):
+    """Step 03 of the session's chain run: the executed notebook, its records and its verdict."""
     import nbformat
-    import papermill as pm
 
-    from quantbook.runs import choose_kernel
-
-    run_dir = tmp_path / "run"
-    shutil.copytree(run["dir"], run_dir)
-    out_nb = tmp_path / "03.ipynb"
-    pm.execute_notebook(str(NOTEBOOK), str(out_nb), kernel_name=choose_kernel(), progress_bar=False,
-                        parameters={"run_dir": str(run_dir), "source": str(tiny_src), "dir": str(tmp_path / "x"),
-                                    "reference": str(tiny_bf16)})
-    nb = nbformat.read(out_nb, as_version=4)
+    run_dir = tiny_chain["run_dir"]
+    nb = nbformat.read(run_dir / "03_recover_export.ipynb", as_version=4)
     text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/markdown", ""))
                    for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o["output_type"] == "error"]
     assert "verdict: pass" in text and "**PASS** (v4-serving)" in text
     assert "calibrated state of" in text and "OK" in text
+    rec = json.loads((run_dir / recover.RECORD).read_text())
+    assert rec["status"] == "done" and rec["verdict"] == "pass"
     assert json.loads((run_dir / "verify.json").read_text())["verdict"] == "pass"

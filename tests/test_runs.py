@@ -15,9 +15,10 @@ import nbformat
 import pytest
 import yaml
 
-from quantbook.params import ParamsError
-from quantbook.runs import (StepFailed, discover_steps, format_runs, list_runs, load_manifest, run_chain,
-                            select_steps)
+from quantbook.errors import ParamsError, RunError
+from quantbook.records.runs import (
+    StepFailed, discover_steps, format_runs, list_runs, load_manifest, run_chain, select_steps,
+)
 
 QUANTBOOK = [sys.executable, "-m", "quantbook.cli"]
 
@@ -194,7 +195,7 @@ def test_locked_run_and_interrupted_listing(tmp_path):
     rd.mkdir(parents=True)
     with open(rd / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(RuntimeError, match="in use by another"):
+        with pytest.raises(RunError, match="in use by another"):
             run_chain(params, runs_dir=tmp_path / "runs", notebooks_dir=nbs, progress=False)
         (rd / "manifest.json").write_text(json.dumps({"run_id": "t", "status": "running", "created": "x",
                                                       "steps": {"01_dequant": {"status": "running"}}}))
@@ -218,20 +219,11 @@ def test_cli_run_failure_exit_code_and_runs_listing(tmp_path):
     assert "t  " in out.stdout and "failed" in out.stdout and "01:ok 02:FAILED" in out.stdout
 
 
-def test_real_chain_01_to_04_on_tiny_then_rerun_skips(tmp_path):
-    """The README's main command on the embedded tiny default (paths moved under tmp_path): the
-    repository's four notebooks end to end on CPU, then the same run id again runs nothing."""
-    from quantize_support import write_calib
-
-    repo = Path(__file__).resolve().parents[1]
-    text = (repo / "params" / "tiny.yaml").read_text()
-    assert "work/tiny/" in text and "work/calib/english.jsonl" in text
-    params = tmp_path / "tiny.yaml"
-    params.write_text(text.replace("work/tiny/", f"{tmp_path}/tiny/").replace("work/calib/", f"{tmp_path}/calib/"))
-    write_calib(tmp_path / "calib" / "english.jsonl")
-    runs = tmp_path / "runs"
-    m = run_chain(params, runs_dir=runs, progress=False, echo=lambda s: None)
-    rd = runs / "tiny"
+def test_real_chain_01_to_04_on_tiny_then_rerun_skips(tiny_chain):
+    """The README's main command on the embedded tiny default (the session's chain run, params/tiny.yaml
+    with its paths moved): the repository's four notebooks end to end on CPU, then the same run id
+    again runs nothing."""
+    m, rd, params = tiny_chain["manifest"], tiny_chain["run_dir"], tiny_chain["params"]
     assert m["status"] == "complete", {k: v.get("error") for k, v in m["steps"].items()}
     names = ["01_dequant", "02_quantize", "03_recover_export", "04_inspect_amax"]
     assert list(m["steps"]) == names
@@ -242,6 +234,6 @@ def test_real_chain_01_to_04_on_tiny_then_rerun_skips(tmp_path):
     assert {"01_dequant", "02_quantize", "03_recover_export"} <= steps_in_memory
     before = {n: m["steps"][n]["end"] for n in names}
     lines = []
-    m2 = run_chain(params, runs_dir=runs, progress=False, echo=lines.append)
+    m2 = run_chain(params, runs_dir=tiny_chain["runs"], progress=False, echo=lines.append)
     assert m2["status"] == "complete" and all("skipped, complete since" in ln for ln in lines)
     assert {n: m2["steps"][n]["end"] for n in names} == before

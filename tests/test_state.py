@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 
 import pytest
 
-from quantize_support import assert_same_files, tiny_q, write_calib
+from quantize_support import assert_same_files
 
 pytest.importorskip("modelopt")
 
 
 @pytest.fixture(scope="module")
-def run(tiny_bf16, tmp_path_factory):
-    from quantbook import drivers
-
-    base = tmp_path_factory.mktemp("st")
-    calib = write_calib(base / "calib.jsonl")
-    q = tiny_q(tiny_bf16, base / "export", calib)
-    rec = drivers.quantize(q, base / "run")
-    assert rec["status"] == "done"
-    return q, base / "run", base / "export"
+def run(tiny_chain):
+    """Step 02 of the session's chain run: (quantize section, run directory, its modelopt export)."""
+    return tiny_chain["q"], tiny_chain["run_dir"], tiny_chain["generic"]
 
 
 def test_restore_then_export_is_byte_identical(run, tmp_path):
@@ -30,15 +25,15 @@ def test_restore_then_export_is_byte_identical(run, tmp_path):
     export file, the quantization summary included, has the same bytes as the direct export."""
     import modelopt.torch.quantization as mtq
 
-    from quantbook import drivers
+    from quantbook.calibrate import hf_model, settings
 
     q, run_dir, export = run
-    model, tok, manifest = drivers.restore(run_dir)
+    model, tok, manifest = hf_model.restore(run_dir)
     out = tmp_path / "restored"
     out.mkdir()
     mtq.print_quant_summary(model, str(out))
-    s = drivers.modelopt_settings(drivers.normalize(manifest["params"]))
-    drivers.export_model(model, tok, s, out)
+    s = settings.modelopt_settings(settings.normalize(manifest["params"]))
+    hf_model.export_model(model, tok, s, out)
     names = assert_same_files(export, out)
     assert {"model.safetensors", "config.json", "hf_quant_config.json", ".quant_summary.txt",
             "tokenizer.json"} <= set(names)
@@ -47,7 +42,8 @@ def test_restore_then_export_is_byte_identical(run, tmp_path):
 def test_snapshot_equals_state_tensors(run):
     from safetensors.torch import load_file
 
-    from quantbook import amax, state
+    from quantbook import amax
+    from quantbook.calibrate import state
 
     _, run_dir, _ = run
     snap, _ = amax.load_snapshot(run_dir / amax.SNAPSHOT)
@@ -58,7 +54,7 @@ def test_snapshot_equals_state_tensors(run):
 
 
 def test_state_refused_when_incomplete_corrupt_or_foreign(run, tmp_path, tiny_bf16):
-    from quantbook import state
+    from quantbook.calibrate import state
 
     _, run_dir, _ = run
     sd = tmp_path / "state"
@@ -93,15 +89,15 @@ def test_full_state_behind_a_flag(run, tmp_path):
     """save_full: also mto.save's full state dict, listed and hashed in the manifest."""
     import modelopt.torch.opt as mto
 
-    from quantbook import drivers, state
+    from quantbook.calibrate import hf_model, settings, state
 
     q, run_dir, _ = run
-    model, _, manifest = drivers.restore(run_dir)
+    model, _, manifest = hf_model.restore(run_dir)
     saved = state.save_cheap_state(model, tmp_path / "s", q=manifest["params"], save_full=True)
     man = state.load_manifest(tmp_path / "s")
     assert saved["full_state"] and state.FULL_STATE in man["files"]
     assert man["files"][state.FULL_STATE]["size"] > 10 * man["files"][state.QUANTIZER_TENSORS]["size"]
-    fresh = drivers.load_model(drivers.modelopt_settings(drivers.normalize(q)))
+    fresh = hf_model.load_model(settings.modelopt_settings(settings.normalize(q)))
     fresh = mto.restore(fresh, tmp_path / "s" / state.FULL_STATE)
     a, b = state.quantizer_tensors(model), state.quantizer_tensors(fresh)
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
@@ -114,7 +110,7 @@ def test_full_state_behind_a_flag(run, tmp_path):
 # -- layerwise checkpoint signature -------------------------------------------------------------
 
 def _sig(model_path, **over):
-    from quantbook import state
+    from quantbook.calibrate import state
 
     settings = {"qformat": "nvfp4_experts_only", "kv_cache_qformat": "fp8_cast", "dataset": "d.jsonl",
                 "calib_size": 16, "calib_seq": 48, "batch_size": 4, **over.pop("settings", {})}
@@ -126,7 +122,8 @@ def _sig(model_path, **over):
 
 
 def _progress(run_dir, last, total=4):
-    from quantbook import atomic, state
+    from quantbook import atomic
+    from quantbook.calibrate import state
 
     ckpt = state.layerwise_paths(run_dir)["ckpt"]
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -137,7 +134,7 @@ def _progress(run_dir, last, total=4):
 
 
 def test_layerwise_signature_refuses_stale_and_foreign(tiny_bf16, tmp_path):
-    from quantbook import state
+    from quantbook.calibrate import state
 
     run_dir = tmp_path / "run"
     sig = _sig(tiny_bf16)
@@ -170,7 +167,7 @@ def test_layerwise_signature_refuses_stale_and_foreign(tiny_bf16, tmp_path):
 
 
 def test_layerwise_finished_dir_recalibrates(tiny_bf16, tmp_path):
-    from quantbook import state
+    from quantbook.calibrate import state
 
     run_dir = tmp_path / "run"
     sig = _sig(tiny_bf16)
@@ -182,11 +179,13 @@ def test_layerwise_finished_dir_recalibrates(tiny_bf16, tmp_path):
 
 
 def test_model_identity_uses_step01_hashes(tiny_bf16, tmp_path):
-    from quantbook import state
+    from quantbook.calibrate import state
 
     a = state.model_identity(tiny_bf16)
     copy = tmp_path / "copy"
     shutil.copytree(tiny_bf16, copy)  # same bytes elsewhere: same identity (mtimes do not matter)
+    for shard in copy.glob("*.safetensors"):
+        os.utime(shard, ns=(1, 1))  # copytree keeps mtimes; a rewrite of the same bytes would not
     b = state.model_identity(copy)
     assert a["weights_id"] == b["weights_id"] and a["config_sha256"] == b["config_sha256"]
     assert a["weights_from_step01_manifest"]

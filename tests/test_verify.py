@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from ckpt_edit import rewrite_shard
-from layout_helpers import calibrate_tiny, native_snapshot
-from quantbook import verify as V
-from quantbook.layout import MANIFEST, Checkpoint, write_serving_layout
-from quantbook.shards import INDEX_NAME
+from layout_helpers import native_snapshot
+from quantbook.export import verify as V
+from quantbook.release.shards import Checkpoint
+from quantbook.export.layout import MANIFEST, write_serving_layout
+from quantbook.release.shards import INDEX_NAME
 
 
 @pytest.fixture(scope="module")
@@ -177,26 +178,28 @@ def test_each_defect_fails_its_check(kind, export, tiny_src, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def generic_exports(tiny_bf16, tmp_path_factory):
-    """modelopt's generic export of the tiny model: full NVFP4 and experts-only."""
-    from modelopt.torch.export import export_hf_checkpoint
-
-    out = {}
-    for name, cfg in (("nvfp4", "NVFP4_DEFAULT_CFG"), ("nvfp4_experts_only", "NVFP4_EXPERTS_ONLY_CFG")):
-        d = tmp_path_factory.mktemp("generic") / name
-        export_hf_checkpoint(calibrate_tiny(tiny_bf16, cfg), export_dir=d)
-        out[name] = d
-    return out
+def generic_exports(tiny_chain, tiny_nvfp4):
+    """modelopt's generic export of the tiny model through the modelopt driver: full NVFP4 and experts-only."""
+    return {"nvfp4": tiny_nvfp4["export"], "nvfp4_experts_only": tiny_chain["generic"]}
 
 
-def test_generic_export_is_research_only_with_reasons(generic_exports, tiny_bf16):
+def test_generic_export_is_research_only_with_reasons(generic_exports, tiny_bf16, tmp_path):
+    from safetensors.torch import load_file, save_file
+
     r = V.verify(generic_exports["nvfp4"], reference=tiny_bf16, progress=False)
     assert r["verdict"] == "research-only" and "not loadable by vLLM/SGLang" in r["summary"]
     text = "\n".join(r["reasons"])
     for why in ("quant_method is 'modelopt'", "transformers names", "hc_head.hc_fn",
                 "attention projections are NVFP4", "compressor/indexer projections are NVFP4",
-                "norms stored F32", "no mtp.*"):
+                "norms stored F32"):
         assert why in text, why
+    assert "no mtp.*" not in text  # the drivers carry the checkpoint's MTP tensors into the export
+    dropped = tmp_path / "no-mtp"  # what a bare export_hf_checkpoint of the transformers model writes
+    shutil.copytree(generic_exports["nvfp4"], dropped)
+    t = load_file(str(dropped / "model.safetensors"))
+    save_file({k: v for k, v in t.items() if not k.startswith("mtp.")}, str(dropped / "model.safetensors"))
+    assert "no mtp.* tensors (transformers drops the MTP block on load)" in V.generic_reasons(
+        Checkpoint(dropped), json.loads((dropped / "config.json").read_text()))
     # the verifier's numbers hold for modelopt's own NVFP4 of attention and experts alike
     assert r["checks"][0]["status"] == "pass", r["checks"][0]["detail"]
     assert r["numbers"]["tensors"] > 96 and r["numbers"]["max_ratio"] <= 1

@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .release.format import component, expert_name, expert_prefix, split_block
+
 SNAPSHOT = "amax.safetensors"
 TOKEN_COUNTS = "expert_token_counts.json"
 ATTRS = ("_amax", "_pre_quant_scale", "_global_amax")
@@ -41,10 +43,12 @@ LINEAR_NATIVE = {
     "mlp.shared_experts.down_proj": "ffn.shared_experts.w2",
     "mlp.gate": "ffn.gate",
 }
+# quantizer kinds: the native components that carry quantizers (format.component's names)
+KINDS = ("attention", "indexer", "compressor", "shared_expert", "routed_expert", "router", "head")
 # fused routed-expert parameters -> the native projections they hold
 EXPERT_NATIVE = {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}
 
-_LAYER = re.compile(r"^(?:model\.)?(layers|mtp)\.(\d+)\.(.+)$")
+_LAYER = re.compile(r"^(?:model\.)?((?:layers|mtp)\.\d+\..+)$")
 _EXPERT_W = re.compile(r"^mlp\.experts\.(gate_up_proj|down_proj)_weight_quantizers\.(\d+)$")
 _EXPERT_IN = re.compile(r"^mlp\.experts\.(gate_up_proj|down_proj)_(input|output)_quantizer$")
 _LINEAR = re.compile(r"^(.+)\.(input|weight|output)_quantizer$")
@@ -52,7 +56,8 @@ _BMM = re.compile(r"^self_attn\.([qkvp])_bmm_quantizer$")
 # native names (a streaming driver working on the release's own modules, or NVIDIA's dumps):
 # `layers.3.ffn.experts.7.w1.weight_quantizer`, and one input quantizer per projection
 # shared by the layer's experts, `layers.3.ffn.experts.w1.input_quantizer`
-_NATIVE_EXPERT = re.compile(r"^ffn\.experts\.(?:(\d+)\.)?(w[123])\.(input|weight|output)_quantizer$")
+_NATIVE_SHARED_INPUT = re.compile(r"^ffn\.experts\.(w[123])\.(input|output)_quantizer$")
+_NATIVE_ROLE = re.compile(r"^(.+)\.(input|weight|output)_quantizer$")
 
 
 @dataclass(frozen=True)
@@ -73,22 +78,8 @@ class Quantizer:
         """Native tensor prefix(es), e.g. `layers.3.ffn.experts.7.w1` (first of projs)."""
         prefix = f"{'mtp' if self.mtp else 'layers'}.{self.layer}." if self.layer is not None else ""
         if self.kind == "routed_expert" and self.expert is not None:
-            return f"{prefix}ffn.experts.{self.expert}.{self.projs[0]}"
+            return expert_prefix(self.layer, self.expert, self.projs[0], "mtp" if self.mtp else "layers")
         return prefix + self.module
-
-
-def _kind(module: str) -> str:
-    if module.startswith("attn.indexer"):
-        return "indexer"
-    if module.startswith("attn.compressor"):
-        return "compressor"
-    if module.startswith("attn."):
-        return "attention"
-    if module.startswith("ffn.shared_experts"):
-        return "shared_expert"
-    if module == "ffn.gate":
-        return "router"
-    return "other"
 
 
 def parse_quantizer(name: str) -> Quantizer:
@@ -99,20 +90,24 @@ def parse_quantizer(name: str) -> Quantizer:
     m = _LAYER.match(name)
     if not m:
         return Quantizer(name, "other", "other", module=name)
-    layer, mtp, rest = int(m.group(2)), m.group(1) == "mtp", m.group(3)
+    block, layer, rest = split_block(m.group(1))
+    mtp = block == "mtp"
     if e := _EXPERT_W.match(rest):
         return Quantizer(name, "weight", "routed_expert", layer, mtp, int(e.group(2)), "ffn.experts",
                          EXPERT_NATIVE[e.group(1)])
     if e := _EXPERT_IN.match(rest):
         return Quantizer(name, e.group(2), "routed_expert", layer, mtp, None, "ffn.experts", EXPERT_NATIVE[e.group(1)])
-    if e := _NATIVE_EXPERT.match(rest):
-        expert = int(e.group(1)) if e.group(1) is not None else None
-        return Quantizer(name, e.group(3), "routed_expert", layer, mtp, expert, "ffn.experts", (e.group(2),))
+    if e := _NATIVE_SHARED_INPUT.match(rest):
+        return Quantizer(name, e.group(2), "routed_expert", layer, mtp, None, "ffn.experts", (e.group(1),))
+    if (r := _NATIVE_ROLE.match(rest)) and (x := expert_name(f"{block}.{layer}.{r.group(1)}")):
+        return Quantizer(name, r.group(2), "routed_expert", layer, mtp, x.expert, "ffn.experts", (x.proj,))
     if b := _BMM.match(rest):
         return Quantizer(name, "bmm", "attention", layer, mtp, None, f"attn.{b.group(1)}_bmm", ())
     if li := _LINEAR.match(rest):
         module = LINEAR_NATIVE.get(li.group(1), li.group(1))
-        return Quantizer(name, li.group(2), _kind(module), layer, mtp, None, module, (module.split(".")[-1],))
+        kind = component(module)
+        return Quantizer(name, li.group(2), kind if kind in KINDS else "other", layer, mtp, None, module,
+                         (module.split(".")[-1],))
     return Quantizer(name, "other", "other", layer, mtp, module=rest)
 
 
@@ -167,3 +162,11 @@ def amax_problem(amax) -> str | None:
     if (a == 0).any():
         return "zero"
     return None
+
+
+def sample(a, n: int = 8) -> list:
+    """The first `n` values of an amax tensor as JSON-ready numbers ("nan", "inf" for the others)."""
+    import math
+
+    flat = a.detach().float().cpu().reshape(-1)
+    return [v if math.isfinite(v) else str(v) for v in flat[:n].tolist()]

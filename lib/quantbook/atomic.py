@@ -1,7 +1,8 @@
-"""Atomic file writes: a temporary name in the same directory, fsync, then rename.
+"""Atomic writes: a temporary name in the same directory, fsync, then rename.
 
 A crash leaves either the old file or the new one, never half of either. Every JSON record the
-project keeps (manifests, run records, snapshots' indexes) goes through here.
+project keeps (manifests, run records, snapshots' indexes) goes through here, and every directory
+written whole (an export, a calibrated state) goes through `partial_dir`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-
 
 TEMP_GLOB = ".*.tmp"  # what atomic_path's temporary files look like; a killed writer may leave one
 
@@ -69,3 +69,29 @@ def replace_dir(work: str | Path, final: str | Path) -> None:
         os.replace(final, previous)
     os.replace(work, final)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+PARTIAL = ".partial"  # the suffix of a directory (or shard) being written; nothing reads one
+
+
+def fresh_partial(final: str | Path) -> Path:
+    """`<final>.partial`, new and empty: where a directory is written before `replace_dir` puts it
+    in place of `final`. One left by an earlier, killed writer is removed first."""
+    final = Path(final)
+    work = final.with_name(final.name + PARTIAL)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    return work
+
+
+@contextmanager
+def partial_dir(final: str | Path):
+    """Yield a fresh `<final>.partial` directory; when the block succeeds it replaces `final`.
+
+    When the block raises, the partial directory stays for inspection (the next writer removes
+    it) and `final`, if it exists, is untouched.
+    """
+    work = fresh_partial(final)
+    yield work
+    replace_dir(work, final)

@@ -1,4 +1,8 @@
-"""`quantbook` command line: one subcommand per step, each a thin shell over a library call."""
+"""`quantbook` command line: one subcommand per step, each a thin shell over a library call.
+
+A refusal (`errors.QuantbookError`) prints its message and exits 2; any other exception is a bug
+and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,13 @@ import json
 import sys
 from pathlib import Path
 
-from .convert import DEFAULT_CHUNK_ELEMS
-from .format import FormatError, named_config
+from .errors import QuantbookError, StepFailed
+from .release.convert import DEFAULT_CHUNK_ELEMS
+from .release.format import named_config
 
 
 def cmd_make_tiny(a) -> int:
-    from .tiny import make_tiny
+    from .release.tiny import make_tiny
 
     out = make_tiny(a.out, like=named_config(a.like), seed=a.seed, layers=a.layers, experts=a.experts)
     print(f"tiny V4 checkpoint written to {out}")
@@ -20,7 +25,7 @@ def cmd_make_tiny(a) -> int:
 
 
 def cmd_dequant(a) -> int:
-    from .convert import accounting_rows, check_destination, format_table, plan, plan_summary, run
+    from .release.convert import accounting_rows, check_destination, format_table, plan, plan_summary, run
 
     p = plan(a.src, a.dst)
     check_destination(p)
@@ -40,8 +45,7 @@ def cmd_dequant(a) -> int:
 def cmd_run(a) -> int:
     import logging
 
-    from .params import ParamsError
-    from .runs import StepFailed, run_chain
+    from .records.runs import run_chain
 
     if not a.quiet:  # cell output streams to the terminal as well as to runs/<id>/run.log
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -49,20 +53,17 @@ def cmd_run(a) -> int:
     try:
         m = run_chain(a.params, steps=a.steps, run_id=a.run_id, runs_dir=a.runs_dir, notebooks_dir=a.notebooks,
                       redo=a.redo, log_output=not a.quiet)
-    except StepFailed as e:
+    except StepFailed as e:  # the chain ran and a step's notebook failed: a verdict, like verify's
         print(f"quantbook run: {e}", file=sys.stderr)
         print(f"fix it and rerun: quantbook run {a.params} --run-id {Path(e.record['params']['run_dir']).name} "
               "(completed steps are skipped)", file=sys.stderr)
         return 1
-    except (ParamsError, RuntimeError, FileNotFoundError) as e:
-        print(f"quantbook run: error: {e}", file=sys.stderr)
-        return 2
     print(f"run {m['run_id']}: {m['status']}; records in {Path(a.runs_dir) / m['run_id']}")
     return 0
 
 
 def cmd_runs(a) -> int:
-    from .runs import format_runs, list_runs
+    from .records.runs import format_runs, list_runs
 
     rows = list_runs(a.runs_dir)
     print(json.dumps(rows, indent=2) if a.json else format_runs(rows))
@@ -70,7 +71,7 @@ def cmd_runs(a) -> int:
 
 
 def cmd_verify(a) -> int:
-    from .verify import exit_code, format_table, verify, write_result
+    from .export.verify import exit_code, format_table, verify, write_result
 
     result = verify(a.export, source=a.source, reference=a.reference, sample=a.sample, workers=a.workers)
     run_dir = Path(a.run_dir) if a.run_dir else Path("runs") / f"verify-{Path(a.export).resolve().name}"
@@ -86,19 +87,13 @@ def cmd_export(a) -> int:
 
 def _export_from_run(params, run_dir, validate_only_: bool, command: str) -> int:
     """Step 03 from a run's saved amax/state, or (validate_only_) only check that state."""
-    from .params import ParamsError
-    from .recover import RecoverError, export_only, format_validation, validate_only
-    from .state import StateError
+    from .export.recover import export_only, format_validation, validate_only
 
-    try:
-        if validate_only_:
-            v, code = validate_only(params, run_dir)
-            print(format_validation(v))
-            return code
-        rec, code = export_only(params, run_dir)
-    except (ParamsError, RecoverError, StateError) as e:
-        print(f"quantbook {command}: error: {e}", file=sys.stderr)
-        return 2
+    if validate_only_:
+        v, code = validate_only(params, run_dir)
+        print(format_validation(v))
+        return code
+    rec, code = export_only(params, run_dir)
     print(rec["verify_table"])
     print(f"{rec['verdict'].upper()}: {rec['verify_summary']} (records in {rec['run_dir']})")
     return code
@@ -107,10 +102,8 @@ def _export_from_run(params, run_dir, validate_only_: bool, command: str) -> int
 def cmd_quantize(a) -> int:
     import time
 
-    from .drivers import QuantizeError, quantize
-    from .params import ParamsError, load_params
-    from .patches import PatchError
-    from .state import AmaxError, StaleCheckpoint, StateError
+    from .calibrate import quantize
+    from .params import load_params
 
     if a.export_only or a.validate_only:  # step 03 on a calibrated run: no model loaded, nothing recalibrated
         if not a.run_id:
@@ -122,11 +115,7 @@ def cmd_quantize(a) -> int:
     run_id = a.run_id or time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(a.runs_dir) / run_id
     print(f"quantize: run {run_id} -> {run_dir} (rerun with --run-id {run_id} to resume a layerwise calibration)")
-    try:
-        rec = quantize(params.get("quantize") or {}, run_dir)
-    except (ParamsError, QuantizeError, PatchError, StaleCheckpoint, StateError, AmaxError) as e:
-        print(f"quantbook quantize: error: {e}", file=sys.stderr)
-        return 2
+    rec = quantize(params.get("quantize") or {}, run_dir)
     cov = rec.get("expert_coverage") or {}
     print(f"{rec['status']}: export {rec['export']['dir']}; state {run_dir / 'state'}; "
           f"amax repaired: {len(rec.get('post_calibration', {}).get('amax_repairs', []))}; "
@@ -135,13 +124,9 @@ def cmd_quantize(a) -> int:
 
 
 def cmd_calib_data(a) -> int:
-    from .calib import CalibDataError, write_calib_jsonl
+    from .calibrate.data import write_calib_jsonl
 
-    try:
-        r = write_calib_jsonl(a.out, source=a.source, chunk_chars=a.chunk_chars, archive=a.archive, force=a.force)
-    except CalibDataError as e:
-        print(f"quantbook calib-data: error: {e}", file=sys.stderr)
-        return 2
+    r = write_calib_jsonl(a.out, source=a.source, chunk_chars=a.chunk_chars, archive=a.archive, force=a.force)
     what = "exists, left as is" if r["skipped"] else f"written from {r['requirement']} ({r['license']})"
     print(f"{r['path']}: {r['samples']} samples, {r['chars']:,} characters; {what}")
     return 0
@@ -225,7 +210,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FormatError, FileExistsError) as e:
+    except QuantbookError as e:
         print(f"quantbook {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -13,11 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from .errors import ParamsError
+
 SECTIONS = ("name", "tiny", "dequant", "quantize", "export", "inspect")
-
-
-class ParamsError(ValueError):
-    """A params file that names an unknown section or key, or a value a step refuses."""
 
 
 def _expand(v):
@@ -33,8 +31,13 @@ def _expand(v):
 def load_params(path: str | Path) -> dict:
     """Read a params file and refuse unknown sections."""
     path = Path(path)
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"params file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(SECTIONS))

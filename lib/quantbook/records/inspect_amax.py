@@ -22,11 +22,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .amax import SNAPSHOT, TOKEN_COUNTS, parse_quantizer, split_key
+from ..amax import SNAPSHOT, TOKEN_COUNTS, parse_quantizer, split_key
+from ..atomic import write_text
+from ..errors import AmaxError, StateError
 
 # anomaly categories, most serious first (a missing or non-finite amax breaks export or serving)
 CATEGORIES = ("missing", "empty", "nan", "inf", "negative", "zero", "outlier", "w1/w3 ratio", "never routed")
 LAYER_GROUPS = ("hash-routed", "score-routed", "mtp", "other")
+ANOMALIES_CSV = "amax_anomalies.csv"
 HIST_GROUPS = ("attention", "shared expert", "routed w1/w3", "routed w2")
 _PREFIX = re.compile(r"^(.*?(?:layers|mtp)\.\d+\.)")
 _NATIVE_EXPERT_IDX = re.compile(r"experts\.(\d+)\.")
@@ -220,7 +223,7 @@ def load_run(run_dir: str | Path | None = None, snapshot: str | Path | None = No
         snapshot = Path(run_dir) / SNAPSHOT
     snapshot = Path(snapshot)
     if not snapshot.is_file():
-        raise FileNotFoundError(f"amax snapshot {snapshot} not found (step 02 writes it)")
+        raise StateError(f"amax snapshot {snapshot} not found (step 02 writes it)")
     from safetensors import safe_open
 
     with safe_open(str(snapshot), "numpy") as f:
@@ -298,6 +301,27 @@ def _structural_missing(table: pd.DataFrame, n_experts: int | None) -> set[str]:
     want = {p + t for p in prefixes for t in shared}
     want |= {p + t.format(e=e) for p in prefixes for t in per_expert for e in range(n_experts)}
     return want
+
+
+def load_compare(path: str | Path, num_hash_layers: int | None = None) -> AmaxRun:
+    """A second run to diff against: a run directory or a snapshot file."""
+    p = Path(path)
+    return load_run(p if p.is_dir() else None, None if p.is_dir() else p, num_hash_layers=num_hash_layers)
+
+
+def describe(run: AmaxRun) -> pd.DataFrame:
+    """What was loaded: quantizers, attributes, layers, experts, where the hash-layer count came from."""
+    a = run.amax
+    rows = [
+        ("snapshot", str(run.path)),
+        ("quantizers", f"{a['name'].nunique():,} ({(~a['present']).sum():,} of them without _amax)"),
+        ("other attributes", f"{(run.table['attr'] != '_amax').sum():,} (_pre_quant_scale, _global_amax)"),
+        ("enabled quantizers listed by step 02", "yes" if run.quantizer_list else "no"),
+        ("layers", f"{a['layer'].dropna().nunique()}, routed experts per layer: {run.n_experts}"),
+        ("hash-routed layers", f"{run.num_hash_layers} (from {run.hash_source})"),
+        ("token counts", "%d layers x %d experts" % run.counts.shape if run.counts is not None else "none"),
+    ] + [("note", n) for n in run.notes]
+    return pd.DataFrame(rows, columns=["item", "value"]).set_index("item")
 
 
 # -- checks -------------------------------------------------------------------------------------
@@ -426,6 +450,36 @@ def anomalies(run: AmaxRun, outlier_factor: float = 8.0, w13_ratio_threshold: fl
     return out.sort_values(["category", "layer", "expert", "name"], kind="stable").reset_index(drop=True)
 
 
+def anomaly_counts(anom: pd.DataFrame) -> pd.DataFrame:
+    """One row: how many anomalies of each category (every category listed, zeros included)."""
+    return anom.groupby("category", observed=False).size().rename("count").to_frame().T
+
+
+def anomaly_tables(anom: pd.DataFrame, max_rows: int = 200) -> list[tuple[str, pd.DataFrame]]:
+    """(title, rows) per category present, at most `max_rows` rows each, largest categories not cut silently."""
+    out = []
+    for cat, rows in anom.groupby("category", observed=True):
+        more = f" (first {max_rows} shown; all in {ANOMALIES_CSV})" if len(rows) > max_rows else ""
+        out.append((f"{cat}: {len(rows)}{more}", rows.head(max_rows)[
+            ["name", "native", "layer", "expert", "layer_group", "value", "detail"]].reset_index(drop=True)))
+    return out
+
+
+def write_anomalies(anom: pd.DataFrame, run_dir: str | Path) -> Path:
+    """Every anomaly to `<run_dir>/amax_anomalies.csv` (atomic)."""
+    path = Path(run_dir) / ANOMALIES_CSV
+    write_text(path, anom.to_csv(index=False))
+    return path
+
+
+def check_fail_on(anom: pd.DataFrame, fail_on) -> None:
+    """Raise AmaxError naming the categories of `fail_on` that occur (and a few quantizers of each)."""
+    failed = sorted(set(anom["category"].astype(str)) & set(fail_on or ()))
+    if failed:
+        raise AmaxError(f"amax anomalies in {failed} (fail_on): " + "; ".join(
+            f"{c}: {', '.join(anom.loc[anom['category'] == c, 'name'].head(5))}" for c in failed))
+
+
 def diff_runs(a: AmaxRun, b: AmaxRun, moved_threshold: float = 0.05) -> pd.DataFrame:
     """Every quantizer attribute of two runs side by side; `status` is 'moved' when |b/a - 1| >
     moved_threshold, 'same', 'only in A', 'only in B' or 'not finite'. Sorted largest move first."""
@@ -536,6 +590,22 @@ def plot_layer_profile(run: AmaxRun):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def plot_w13_ratios(ratios: pd.DataFrame, threshold: float):
+    """Histogram of max(w1, w3) / min(w1, w3) amax per expert (separate quantizers only), the
+    threshold marked; None when transformers fused every w1/w3 pair (ratio 1 by construction)."""
+    import matplotlib.pyplot as plt
+
+    sep = ratios[~ratios["fused"].astype(bool)]
+    if not len(sep):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 2.5))
+    ax.hist(sep["ratio"].clip(upper=10), bins=50)
+    ax.axvline(threshold, color="red", lw=1)
+    ax.set_xlabel("max(w1, w3) / min(w1, w3) amax (clipped at 10)")
+    ax.set_yscale("log")
     return fig
 
 

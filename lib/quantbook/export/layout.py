@@ -30,21 +30,20 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
-import threading
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from . import atomic
-from .amax import amax_problem, load_snapshot, parse_quantizer, split_key
-from .dequant import dequant_fp4
-from .format import DTYPE_SIZE, FP4_GROUP, FormatError
-from . import resume
-from .resume import Job, run_shards
-from .shards import HASH, INDEX_NAME, ShardWriter, TensorEntry, file_digest, read_header, read_index, read_range
+from .. import atomic
+from ..amax import amax_problem, load_snapshot, parse_quantizer, split_key
+from ..errors import LayoutError
+from ..release import resume
+from ..release.dequant import dequant_fp4
+from ..release.format import FP4_GROUP, expert_name, expert_prefix
+from ..release.resume import Job, run_shards
+from ..release.shards import DTYPE_SIZE, HASH, INDEX_NAME, Checkpoint, ShardWriter, file_digest, torch_dtype
 
 LAYOUT = "v4-serving"
 LAYOUT_VERSION = 1
@@ -55,80 +54,12 @@ FP4_MAX, FP8_MAX = 6.0, 448.0
 # NVIDIA's published DeepSeek-V4-Pro-NVFP4 (shared/reference/deepseek-v4/nvfp4-serving-layout/)
 PRODUCER = {"name": "modelopt", "version": "dsv4-nvfp4-experts"}
 IGNORE = ["*.attn.*", "*.ffn.shared_experts.*", "head", "mtp.*"]
-EXPERT_TENSOR = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.(weight|scale)$")
-PROJS = ("w1", "w2", "w3")
 # resolved amax columns per expert
 W13, W2, IN13, IN2 = range(4)
 COLUMNS = ("w13_weight", "w2_weight", "w13_input", "w2_input")
 
-ST_TORCH = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu, "I16": torch.int16,
-    "U16": torch.uint16, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
-    "U32": torch.uint32, "F32": torch.float32, "I64": torch.int64, "U64": torch.uint64,
-    "F64": torch.float64,
-}
-
-
-class LayoutError(FormatError):
-    """The serving layout cannot be written from these inputs; the message says which and why."""
-
 
 # ----------------------------------------------------------------------------- reading
-
-
-class Checkpoint:
-    """A safetensors checkpoint directory read through headers and byte ranges only."""
-
-    def __init__(self, directory: str | Path):
-        self.dir = Path(directory)
-        if (self.dir / INDEX_NAME).exists():
-            self.index = read_index(self.dir)
-            self.weight_map = dict(self.index["weight_map"])
-        else:  # a single-file export (modelopt writes `model.safetensors` for small models)
-            self.index = None
-            self.weight_map = {}
-            for p in sorted(self.dir.glob("*.safetensors")):
-                for name in read_header(p).tensors:
-                    self.weight_map[name] = p.name
-        self._headers: dict = {}
-        self._lock = threading.Lock()
-
-    def header(self, shard: str):
-        with self._lock:
-            if shard not in self._headers:
-                self._headers[shard] = read_header(self.dir / shard)
-            return self._headers[shard]
-
-    @property
-    def shards(self) -> list[str]:
-        return sorted(set(self.weight_map.values()))
-
-    def entry(self, name: str) -> TensorEntry:
-        shard = self.weight_map.get(name)
-        if shard is None:
-            raise LayoutError(f"{self.dir}: tensor {name} is not in the checkpoint")
-        try:
-            return self.header(shard).tensors[name]
-        except KeyError:
-            raise LayoutError(f"shard {shard}: tensor {name} is in the index but not in the shard") from None
-
-    def path(self, name: str) -> Path:
-        return self.dir / self.weight_map[name]
-
-    def raw(self, name: str) -> bytearray:
-        e = self.entry(name)
-        return read_range(self.path(name), e.start, e.nbytes)
-
-    def tensor(self, name: str) -> torch.Tensor:
-        """The tensor as stored (dtype from the header), on the CPU."""
-        e = self.entry(name)
-        raw = self.raw(name)
-        t = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-        return t.view(ST_TORCH[e.dtype]).reshape(e.shape)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
 
 
 def release_expert_bf16(src: Checkpoint, prefix: str) -> torch.Tensor:
@@ -180,7 +111,7 @@ def expert_amax(amax, config: dict) -> ExpertAmax:
         if expert is not None and not (0 <= expert < E):
             raise LayoutError(f"amax {key}: expert {expert}, but config.json has {E} routed experts")
         for j in experts:
-            table[f"layers.{layer}.ffn.experts.{j}.{proj}"] = value
+            table[expert_prefix(layer, j, proj)] = value
 
     for key, value in amax.items():
         qname, attr = split_key(key)
@@ -388,6 +319,12 @@ class LayoutPlan:
         return sum(j.bytes_out for j in self.jobs)
 
 
+def _released_main_expert(name: str):
+    """The parsed name of a main layer's released routed-expert `.weight` or `.scale`, else None."""
+    x = expert_name(name)
+    return x if x is not None and not x.mtp and x.tensor in ("weight", "scale") else None
+
+
 def expert_entries(prefix: str, shape: tuple[int, int]) -> list:
     """The four NVFP4 tensors replacing a released expert projection with logical shape [out, in]."""
     out, inp = shape
@@ -399,7 +336,7 @@ def expert_entries(prefix: str, shape: tuple[int, int]) -> list:
 
 def plan(src: str | Path, dst: str | Path, amax, cast_mxfp4_to_nvfp4: bool = False) -> LayoutPlan:
     """Validate the release (every header, name, dtype, shape) and the amax, and plan every output shard."""
-    from .convert import plan as release_plan
+    from ..release.convert import plan as release_plan
 
     src, dst = Path(src).resolve(), Path(dst).resolve()
     rp = release_plan(src, dst)  # refuses anything outside the V4 release format
@@ -420,24 +357,23 @@ def plan(src: str | Path, dst: str | Path, amax, cast_mxfp4_to_nvfp4: bool = Fal
         hd = reader.header(shard)
         entries, ops = [], []
         for e in sorted(hd.tensors.values(), key=lambda e: e.start):
-            m = EXPERT_TENSOR.match(e.name)
-            if m and m.group(4) == "scale":
+            x = _released_main_expert(e.name)
+            if x and x.tensor == "scale":
                 continue
-            if m:
-                prefix = e.name[: -len(".weight")]
-                new = expert_entries(prefix, (e.shape[0], e.shape[1] * 2))
+            if x:
+                new = expert_entries(x.prefix, (e.shape[0], e.shape[1] * 2))
                 entries += new
-                ops.append(("expert", prefix))
+                ops.append(("expert", x.prefix))
             else:
                 entries.append((e.name, e.dtype, e.shape))
                 ops.append(("copy", e))
         jobs.append(ShardJob(shard, entries, ops))
     for name, shard in reader.weight_map.items():  # keep the release's index order
-        m = EXPERT_TENSOR.match(name)
-        if m and m.group(4) == "scale":
+        x = _released_main_expert(name)
+        if x and x.tensor == "scale":
             continue
-        if m:
-            for n, _, _ in expert_entries(name[: -len(".weight")], (1, 32)):
+        if x:
+            for n, _, _ in expert_entries(x.prefix, (1, 32)):
                 weight_map[n] = shard
         else:
             weight_map[name] = shard
@@ -518,8 +454,8 @@ class _Expert:
         return s.to(torch.int32) - 127
 
     def tensors(self, prefix: str) -> list[torch.Tensor]:
-        m = EXPERT_TENSOR.match(prefix + ".weight")
-        i, j, proj = int(m.group(1)), int(m.group(2)), m.group(3)
+        x = expert_name(prefix)
+        i, j, proj = x.layer, x.expert, x.proj
         row = self.p.resolved.table[i, j]
         fused = proj in ("w1", "w3")
         isc = input_scale(row[IN13 if fused else IN2])
@@ -530,7 +466,7 @@ class _Expert:
             self._compare_with_release(i, j, proj, float(w.abs().amax()), float(row[W13 if fused else W2]))
         else:
             k = self._k(prefix)
-            group = [f"layers.{i}.ffn.experts.{j}.{q}" for q in (("w1", "w3") if fused else ("w2",))]
+            group = [expert_prefix(i, j, q) for q in (("w1", "w3") if fused else ("w2",))]
             k_max = max(int(self._k(g).max()) if g != prefix else int(k.max()) for g in group)
             scale, ws2, lossless = cast_scales(k, k_max)
             codes, scale = quantize_nvfp4(w, ws2, _device_tensor(scale, self.device))
@@ -567,7 +503,7 @@ def write_shard(job: ShardJob, p: LayoutPlan, reader: Checkpoint, device: str = 
                 at += 1
             else:
                 for t, (name, dtype, shape) in zip(ex.tensors(what), job.entries[at: at + 4]):
-                    if t.dtype != ST_TORCH[dtype] or tuple(t.shape) != tuple(shape):
+                    if t.dtype != torch_dtype(dtype) or tuple(t.shape) != tuple(shape):
                         raise AssertionError(f"{name}: built {t.dtype}{list(t.shape)}, planned {dtype}{list(shape)}")
                     writer.write(t.view(torch.uint8).numpy() if t.dim() else t.reshape(1).view(torch.uint8).numpy())
                 at += 4
@@ -591,7 +527,7 @@ def check_destination(p: LayoutPlan) -> None:
             return (f"an export of {why} ({manifest.get('source')}, "
                     f"amax {manifest.get('amax', {}).get('origin')})")
 
-    resume.check_destination(p.src, p.dst, MANIFEST, p.jobs, foreign, LayoutError, what="export directory")
+    resume.check_destination(p.src, p.dst, MANIFEST, p.jobs, foreign, what="export directory")
 
 
 def run(p: LayoutPlan, workers: int = 2, device: str = "cpu", progress: bool = True) -> dict:

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .atomic import read_json, write_json, write_text
-from .params import ParamsError, load_params
+from ..atomic import read_json, write_json, write_text
+from ..errors import ParamsError, RunError, StepFailed
+from ..params import load_params
 
 log = logging.getLogger("quantbook.runs")
 
@@ -42,14 +43,6 @@ _STEP_FILE = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.ipynb$")
 _PY_NAMES = {"python", f"python{sys.version_info[0]}", "python%d.%d" % sys.version_info[:2]}
 PACKAGES = ("torch", "transformers", "nvidia-modelopt", "accelerate", "safetensors", "datasets", "numpy",
             "papermill", "nbclient", "ipykernel", "quantbook")
-
-
-class StepFailed(RuntimeError):
-    """A step's notebook raised; the message names the notebook and the cell."""
-
-    def __init__(self, message: str, record: dict):
-        super().__init__(message)
-        self.record = record
 
 
 @dataclass(frozen=True)
@@ -216,7 +209,7 @@ def choose_kernel() -> str:
         seen.append(f"{name} -> {exe}")
         if exe in _PY_NAMES or os.path.abspath(exe) == os.path.abspath(sys.executable):
             return name
-    raise RuntimeError(f"no Jupyter kernel runs {sys.executable} (found: {'; '.join(seen) or 'none'}); "
+    raise RunError(f"no Jupyter kernel runs {sys.executable} (found: {'; '.join(seen) or 'none'}); "
                        f"install one: {sys.executable} -m ipykernel install --sys-prefix --name quantbook")
 
 
@@ -249,7 +242,7 @@ def _lock(run_dir: Path):
         f.seek(0)
         holder = f.read().strip()
         f.close()
-        raise RuntimeError(f"run directory {run_dir} is in use by another `quantbook run` ({holder})") from None
+        raise RunError(f"run directory {run_dir} is in use by another `quantbook run` ({holder})") from None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()} since {_now()}\n")
@@ -339,8 +332,8 @@ def _describe_failure(step: Step, info: dict, exc: BaseException, out_nb: Path, 
 
 def export_html(notebook: Path, html: Path) -> Path | None:
     """HTML copy of an executed notebook (figures embedded), written atomically."""
-    from nbconvert import HTMLExporter
     import nbformat
+    from nbconvert import HTMLExporter
 
     try:
         nb = nbformat.read(str(notebook), as_version=4)

@@ -35,12 +35,12 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
-from .format import expected_tensors, load_config
-from .layout import (
-    GROUP, HF_QUANT_CONFIG, LAYOUT, MANIFEST, ST_TORCH, Checkpoint, quantized_layers, release_expert_bf16,
-)
-from .shards import INDEX_NAME, read_range
+from .. import atomic
+from ..errors import VerifyFailed
+from ..release.dequant import E2M1 as E2M1_VALUES
+from ..release.format import PROJS, expected_tensors, expert_name, expert_prefix, load_config
+from ..release.shards import INDEX_NAME, Checkpoint, read_range
+from .layout import GROUP, HF_QUANT_CONFIG, LAYOUT, MANIFEST, quantized_layers, release_expert_bf16
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 RESEARCH_ONLY = "research-only"
@@ -49,9 +49,8 @@ TOP_LEVEL = ("embed.weight", "head.weight", "norm.weight", "hc_head_fn", "hc_hea
 TRANSFORMERS_NAMES = re.compile(
     r"(^model\.|^lm_head\.|embed_tokens|self_attn|(^|\.)mlp\.|(^|\.)(q_a|q_b|kv|o_a|o_b|gate|up|down)_proj\.|"
     r"hc_head\.hc_|weight_scale_inv)")
-EXPERT_PREFIX = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])$")
 FP8_KEYS = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
-E2M1 = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, 0, -.5, -1, -1.5, -2, -3, -4, -6], dtype=torch.float32)
+E2M1 = torch.tensor(E2M1_VALUES, dtype=torch.float32)
 SHOW = 5  # problems named in a check's detail
 MTP_NOTE = ("this layout keeps the MTP block's experts MXFP4 as released; vLLM 0.33's deepseek_v4 builds the MTP "
             "draft experts as NVFP4, so speculative decoding acceptance collapses there (outputs stay correct): serve "
@@ -112,25 +111,6 @@ def nvfp4_error(codes, scale, ws2, ref: torch.Tensor) -> dict:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _scalars(ck: Checkpoint, names: list[str]) -> dict[str, torch.Tensor]:
-    """Read many small tensors, one open file per shard."""
-    by_shard: dict[str, list[str]] = {}
-    for n in names:
-        if n in ck:
-            by_shard.setdefault(ck.weight_map[n], []).append(n)
-    out = {}
-    for shard, ns in by_shard.items():
-        hd = ck.header(shard)
-        with open(ck.dir / shard, "rb") as f:
-            for n in ns:
-                e = hd.tensors[n]
-                f.seek(e.start)
-                raw = bytearray(f.read(e.nbytes))
-                t = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-                out[n] = t.view(ST_TORCH[e.dtype]).reshape(e.shape)
-    return out
 
 
 def _same_bytes(a: Checkpoint, b: Checkpoint, name: str, chunk: int = 16 << 20) -> bool:
@@ -245,8 +225,8 @@ def check_quant_config(ck: Checkpoint, cfg: dict) -> Check:
                f"or other settings)")
     L, E = _layers_experts(cfg)
     ignore = qc.get("ignore") or []
-    hit = [p for p in ignore for i in range(L) for proj in ("w1", "w2", "w3")
-           if fnmatch.fnmatchcase(f"layers.{i}.ffn.experts.0.{proj}", p)]
+    hit = [p for p in ignore for i in range(L) for proj in PROJS
+           if fnmatch.fnmatchcase(expert_prefix(i, 0, proj), p)]
     if hit:
         c.fail(f"ignore pattern {hit[0]!r} matches routed experts")
     hq = atomic.read_json(ck.dir / HF_QUANT_CONFIG)
@@ -285,7 +265,7 @@ def check_experts(ck: Checkpoint, cfg: dict) -> Check:
     for i in range(L):
         for j in range(E):
             for proj, (out, inp) in shapes.items():
-                p = f"layers.{i}.ffn.experts.{j}.{proj}"
+                p = expert_prefix(i, j, proj)
                 if f"{p}.scale" in ck:
                     c.fail(f"{p}.scale still present (the released E8M0 scale is dropped)")
                 for suffix, dtype, shape in ((".weight", "U8", (out, inp // 2)),
@@ -300,7 +280,7 @@ def check_experts(ck: Checkpoint, cfg: dict) -> Check:
                         c.fail(f"{n}: {e.dtype}{_fmt_shape(e.shape)}, expected {dtype}{_fmt_shape(shape)}")
                     elif not shape:
                         scalar_names.append(n)
-    vals = _scalars(ck, scalar_names)
+    vals = ck.tensors(scalar_names)
     for n, v in vals.items():
         x = float(v)
         if not (math.isfinite(x) and x > 0):
@@ -354,12 +334,15 @@ def check_passthrough(ck: Checkpoint, cfg: dict, src: Checkpoint | None) -> Chec
 
 
 def _is_main_expert(name: str) -> bool:
-    return re.match(r"^layers\.\d+\.ffn\.experts\.\d+\.w[123]\.(weight|scale)$", name) is not None
+    """A main layer's routed-expert tensor as released (`.weight`, `.scale`)."""
+    x = expert_name(name)
+    return x is not None and not x.mtp and x.tensor in ("weight", "scale")
 
 
 def _is_main_expert_out(name: str) -> bool:
-    return re.match(r"^layers\.\d+\.ffn\.experts\.\d+\.w[123]\.(weight|weight_scale|weight_scale_2|input_scale)$",
-                    name) is not None
+    """A main layer's routed-expert tensor in the NVFP4 serving form."""
+    x = expert_name(name)
+    return x is not None and not x.mtp and x.tensor in ("weight", "weight_scale", "weight_scale_2", "input_scale")
 
 
 def check_index(ck: Checkpoint) -> Check:
@@ -419,7 +402,7 @@ def check_numbers(ck: Checkpoint, cfg: dict, ref: Checkpoint | None, src: Checkp
                    "within the NVFP4 rounding bound")
     if names is None:
         L, E = _layers_experts(cfg)
-        names = [f"layers.{i}.ffn.experts.{j}.{p}" for i in range(L) for j in range(E) for p in ("w1", "w2", "w3")]
+        names = [expert_prefix(i, j, p) for i in range(L) for j in range(E) for p in PROJS]
     if ref is None and src is None:
         c.status, c.detail = SKIP, "no --reference or --source to compare with"
         return c, {}
@@ -547,10 +530,16 @@ def write_result(result: dict, run_dir: str | Path, stem: str = "verify") -> tup
     return j, m
 
 
+def require_pass(result: dict, what: str = "the export") -> None:
+    """Raise VerifyFailed when the verdict is `fail` (research-only and pass go on)."""
+    if result["verdict"] == FAIL:
+        raise VerifyFailed(f"{what} in {result['export']} failed verification: {result['summary']}")
+
+
 def exit_code(result: dict) -> int:
     """0 pass, 1 fail, 3 research-only (a generic export: kept, not servable)."""
     return {PASS: 0, FAIL: 1, RESEARCH_ONLY: 3}[result["verdict"]]
 
 
-__all__ = ["verify", "write_result", "format_table", "exit_code", "generic_reasons", "nvfp4_error",
-           "dequant_nvfp4"]
+__all__ = ["verify", "write_result", "format_table", "exit_code", "require_pass", "generic_reasons",
+           "nvfp4_error", "dequant_nvfp4"]

@@ -39,7 +39,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from . import atomic
+from .. import atomic
+from ..errors import CalibDataError
 
 SOURCES = {
     "brotli": {"requirement": "brotli==1.2.1", "kind": "sdist",
@@ -51,10 +52,6 @@ SOURCES = {
                "license": "CC BY-SA (Wikipedia text)"},
 }
 DEFAULT_CHUNK_CHARS = 2000
-
-
-class CalibDataError(RuntimeError):
-    """Calibration text could not be obtained or is unusable."""
 
 
 # ---------------------------------------------------------------------------------------------

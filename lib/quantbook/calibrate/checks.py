@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import warnings
 
-from .params import ParamsError
-
-DRIVERS = ("modelopt", "hf_ptq")
+from ..errors import ParamsError
+from . import registry
 
 # The predecessor's shell script spelled these flags its own way; hf_ptq's argparse has none of
 # them (run 8 died in argparse after the node had been set up).
@@ -95,8 +94,8 @@ def check_quantize_settings(q: dict, model_config: dict | None) -> None:
         raise ParamsError(f"quantize.hf_ptq must be a mapping of hf_ptq flag names to values, got {settings!r}")
 
     driver = q.get("driver", "modelopt")
-    if driver not in DRIVERS:
-        problems.append(f"quantize.driver: {driver!r} is not one of {list(DRIVERS)}")
+    if driver not in registry.names():
+        problems.append(f"quantize.driver: {driver!r} is not one of {registry.names()}")
 
     for where, keys in (("quantize", q), ("quantize.hf_ptq", settings)):
         for key in keys:

@@ -13,13 +13,13 @@ Each one answers a failure seen (or measured) on the real run:
 3. `nvfp4_input_scale_cpu`: `NVFP4QTensor.get_activation_scaling_factor` (the `input_scale` of
    every NVFP4 linear and expert) is computed on CPU, and a bad amax (0, NaN, inf, negative, in
    any entry) is never exported silently: it is replaced by the fallback below and recorded by
-   quantizer name in `bad_amax_report()`. modelopt alone swaps 0/NaN for `maxbound` (an input
+   quantizer name in the run's `Ledger`. modelopt alone swaps 0/NaN for `maxbound` (an input
    scale of 1/448, which clips real activations) with a nameless warning, clamps inf to the
    largest float, and aborts the whole export on a negative amax.
 
-   Fallback at export time: the largest valid activation amax registered by the last
-   `set_export_fallback` call (`state.repair_amax` registers the model's largest calibrated
-   input amax); without one, modelopt's `maxbound`, recorded as such.
+   Fallback at export time: the largest valid activation amax set on the run's `Ledger`
+   (`state.repair_amax` sets the model's largest calibrated input amax); without one,
+   modelopt's `maxbound`, recorded as such.
 
 A quantizer that saw no calibration data never reaches `load_calib_amax` and keeps no `_amax`;
 the exporter then silently writes NO `input_scale` for a plain linear. Patches cannot see that
@@ -34,12 +34,12 @@ signature and meaning were read from that version's source.
 from __future__ import annotations
 
 import functools
-import math
 import threading
 import warnings
 import weakref
 
-from .amax import amax_problem
+from ..amax import amax_problem, sample
+from ..errors import PatchError
 
 TESTED_MODELOPT = ("0.47.0",)
 _MARK = "__quantbook_patch__"
@@ -54,14 +54,70 @@ PATCHES = {
 }
 
 
-class PatchError(RuntimeError):
-    """modelopt is not a version these patches were written against, or lacks a patched function."""
+_lock = threading.Lock()  # applying the patches is once per process, whichever thread asks first
+# quantizer -> the Ledger attached to it (weak keys: a quantizer that is gone leaves no entry). Kept
+# here, not on the quantizer, because modelopt saves every instance attribute into modelopt_state.
+_owners: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-_lock = threading.Lock()
-_names: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_bad: dict[str, dict] = {}
-_fallback = {"amax": None, "source": None}
+class Ledger:
+    """One run's bookkeeping for the export-time patch: quantizer names, the fallback amax, and
+    every bad amax replaced (missing, 0, NaN, inf, negative), by quantizer name.
+
+    `attach(model)` makes the patched exporter find this ledger from any of the model's
+    quantizers; `state.repair_amax` sets the fallback and records what it repairs before export.
+    """
+
+    def __init__(self):
+        self._names: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        self._bad: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self.fallback: float | None = None
+        self.fallback_source: str | None = None
+
+    def attach(self, model) -> int:
+        """Name every quantizer of `model` and route its export-time findings here; the count."""
+        from modelopt.torch.quantization.nn.modules.tensor_quantizer import TensorQuantizer
+
+        n = 0
+        for name, module in model.named_modules():
+            if isinstance(module, TensorQuantizer):
+                self._names[module] = name
+                _owners[module] = self
+                n += 1
+        return n
+
+    def name(self, quantizer) -> str:
+        try:
+            return self._names.get(quantizer) or f"<unnamed {type(quantizer).__name__} at {id(quantizer):#x}>"
+        except TypeError:
+            return f"<unnamed {type(quantizer).__name__}>"
+
+    def set_fallback(self, amax: float | None, source: str | None) -> None:
+        """The activation amax that replaces a bad one at export time, and where it came from."""
+        self.fallback, self.fallback_source = amax, source
+
+    def record(self, name: str, problem: str, values: list | None, replacement: float, source: str,
+               where: str) -> None:
+        """Count and keep one bad amax (the notebook and `quantize.json` list these)."""
+        with self._lock:
+            rec = self._bad.setdefault(name, {"quantizer": name, "problem": problem, "values": values,
+                                              "replacement": replacement, "fallback": source, "seen_in": []})
+            if where not in rec["seen_in"]:
+                rec["seen_in"].append(where)
+
+    def report(self) -> list[dict]:
+        """Every bad amax replaced so far in this run."""
+        with self._lock:
+            return [dict(r) for r in self._bad.values()]
+
+
+def ledger_of(quantizer) -> Ledger | None:
+    """The ledger attached to a quantizer (None before any `Ledger.attach`)."""
+    try:
+        return _owners.get(quantizer)
+    except TypeError:
+        return None
 
 
 def modelopt_version() -> str:
@@ -166,57 +222,6 @@ def _patch_export_amax(original):
     return export_amax
 
 
-def register_names(model) -> int:
-    """Remember every quantizer's module name so patch 3 can report bad amax by name."""
-    from modelopt.torch.quantization.nn.modules.tensor_quantizer import TensorQuantizer
-
-    n = 0
-    for name, module in model.named_modules():
-        if isinstance(module, TensorQuantizer):
-            _names[module] = name
-            n += 1
-    return n
-
-
-def quantizer_name(quantizer) -> str:
-    try:
-        return _names.get(quantizer) or f"<unnamed {type(quantizer).__name__} at {id(quantizer):#x}>"
-    except TypeError:
-        return f"<unnamed {type(quantizer).__name__}>"
-
-
-def set_export_fallback(amax: float | None, source: str) -> None:
-    """The activation amax that replaces a bad one at export time, and where it came from."""
-    _fallback["amax"] = amax
-    _fallback["source"] = source
-
-
-def record_bad_amax(name: str, problem: str, values: list, replacement: float, source: str, where: str) -> None:
-    """Count and keep one bad amax (the notebook and `quantize.json` list these)."""
-    with _lock:
-        rec = _bad.setdefault(name, {"quantizer": name, "problem": problem, "values": values,
-                                     "replacement": replacement, "fallback": source, "seen_in": []})
-        if where not in rec["seen_in"]:
-            rec["seen_in"].append(where)
-
-
-def bad_amax_report() -> list[dict]:
-    """Every bad amax replaced so far in this process (missing, 0, NaN, inf, negative)."""
-    with _lock:
-        return [dict(r) for r in _bad.values()]
-
-
-def reset_report() -> None:
-    with _lock:
-        _bad.clear()
-    set_export_fallback(None, None)
-
-
-def _sample(a) -> list:
-    flat = a.detach().float().cpu().reshape(-1)
-    return [v if math.isfinite(v) else str(v) for v in flat[:8].tolist()]
-
-
 def _patch_activation_scale(original_func):
     @functools.wraps(original_func)
     @_marked("nvfp4_input_scale_cpu")
@@ -231,16 +236,19 @@ def _patch_activation_scale(original_func):
         if raw is None:
             return None  # no amax at all: the exporter writes no input_scale (state.repair_amax fills these first)
         if problem is not None:
-            fallback, source = _fallback["amax"], _fallback["source"]
+            ledger = ledger_of(quantizer) or Ledger()
+            fallback, source = ledger.fallback, ledger.fallback_source
             if fallback is None:
                 fallback, source = float(quantizer.maxbound), "maxbound (modelopt's substitute; no calibrated fallback registered)"
-            record_bad_amax(quantizer_name(quantizer), problem, _sample(raw), fallback, source, "export input_scale")
-            warnings.warn(f"bad input amax ({problem}) for {quantizer_name(quantizer)}: exported with amax "
-                          f"{fallback:g} from {source}", stacklevel=2)
+            name = ledger.name(quantizer)
+            ledger.record(name, problem, sample(raw), fallback, source, "export input_scale")
+            warnings.warn(f"bad input amax ({problem}) for {name}: exported with amax {fallback:g} from {source}",
+                          stacklevel=2)
             quantizer._buffers["_amax"] = torch.full_like(raw.detach().float().cpu(), fallback)
         amax = quantizer.export_amax().detach().float().cpu()
         scale = amax / (quantizer.maxbound * torch.finfo(torch.float8_e4m3fn).max)
         if not bool(torch.all(scale > 0)) or not bool(torch.all(torch.isfinite(scale))):
-            raise ValueError(f"{quantizer_name(quantizer)}: NVFP4 input scale {scale} is not positive and finite")
+            raise ValueError(f"{(ledger_of(quantizer) or Ledger()).name(quantizer)}: NVFP4 input scale {scale} is "
+                             "not positive and finite")
         return scale
     return get_activation_scaling_factor

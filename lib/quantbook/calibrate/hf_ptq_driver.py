@@ -50,18 +50,20 @@ import shutil
 import subprocess
 import sys
 import time
-import traceback
 import warnings
 from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import atomic
+from .. import atomic
+from ..errors import ParamsError
+from . import patches, state
 from .checks import check_quantize_settings
-from .params import ParamsError
+from .data import ExpertTokenCounter, coverage, describe_dataloader
+from .driver import SUMMARY, Driver, DriverRun, check_inputs
+from .settings import HF_PTQ_DEFAULTS
 
 CHECKOUT_ENV = "QUANTBOOK_HF_PTQ_DIR"
-RECORD = "quantize.json"  # the same result record as the modelopt driver's
 # export_quantized's parameters, unchanged from 0.44 to 0.47; the hook passes them through.
 EXPORT_PARAMS = ("args", "full_model", "language_model", "model_type", "tokenizer",
                  "default_padding_side", "default_pad_token")
@@ -468,8 +470,6 @@ def calibration_observers(module, around=None):
     call, before calibration starts), `mono_quantize` (its quantization config kept; timed as
     "calibrate"). Yields {"dataloader", "counter", "quant_cfg"} as they appear.
     """
-    from . import calib
-
     around = around or (lambda name: contextlib.nullcontext())
     seen: dict = {"dataloader": None, "counter": None, "quant_cfg": None}
     originals: dict = {}
@@ -495,7 +495,7 @@ def calibration_observers(module, around=None):
 
     def quantize_main(fn):
         def wrapper(args, full_model, *rest, **kwargs):
-            seen["counter"] = calib.ExpertTokenCounter(full_model)
+            seen["counter"] = ExpertTokenCounter(full_model)
             try:
                 return fn(args, full_model, *rest, **kwargs)
             finally:
@@ -519,23 +519,22 @@ def calibration_observers(module, around=None):
             setattr(module, name, fn)
 
 
-def post_calibration_hook(run_dir: Path, q: dict, seen: dict, results: dict):
+def post_calibration_hook(run_dir: Path, q: dict, seen: dict, results: dict, ledger: "patches.Ledger"):
     """The project's hook (`state.post_calibration`) fed with what hf_ptq calibrated on.
 
     amax to CPU and to `amax.safetensors`, expert token counts, bad-amax repair, cheap state with
     its manifest; its record lands in `results["post_calibration"]`.
     """
-    from . import calib, state
 
     def hook(full_model, args):
         loader, counter = seen.get("dataloader"), seen.get("counter")
         counts = counter.as_dict() if counter is not None else None
         results["post_calibration"] = state.post_calibration(
-            full_model, run_dir, q,
-            calib=calib.describe_dataloader(loader) if loader is not None else None,
+            full_model, run_dir, q, ledger,
+            calib=describe_dataloader(loader) if loader is not None else None,
             token_counts=counts, model_path=args.pyt_ckpt_path, quant_cfg=seen.get("quant_cfg"))
         if counts is not None:
-            results["expert_coverage"] = calib.coverage(counts)
+            results["expert_coverage"] = coverage(counts)
 
     return hook
 
@@ -577,20 +576,13 @@ def prepared(q: dict, export_dir: str | Path | None = None):
         yield Prepared(module, argv, args, facts)
 
 
-def preflight(q: dict) -> dict:
+def checkout_preflight(q: dict) -> dict:
     """Everything `run` checks before hf_ptq loads the model (seconds); returns the facts."""
     with prepared(q) as p:
         return dict(p.facts)
 
 
-def _apply_patches(q: dict) -> list[str]:
-    from . import patches
-
-    patches.reset_report()
-    return patches.apply(force=bool(q.get("force", False)))
-
-
-def run(q: dict, run_dir: str | Path, hook=None) -> dict:
+def run(q: dict, run_dir: str | Path, hook=None, progress: bool = True, facts: dict | None = None) -> dict:
     """Quantize with the checkout's hf_ptq in this process; returns (and records) the result.
 
     hf_ptq writes into `<export_path>.partial`, renamed onto `export_path` once main() returns
@@ -600,47 +592,42 @@ def run(q: dict, run_dir: str | Path, hook=None) -> dict:
     both version facts and whether they were forced, the patches, the hook's record, the bad
     amax replaced at export, and the time of each phase (also in `memory.csv`).
     """
-    from . import drivers, state
-
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     final = Path(q["hf_ptq"].get("export_path") or "exported_model")
-    partial = final.with_name(final.name + ".partial")
-    timings: dict = {}
-    record = {"kind": "quantbook.quantize", "driver": "hf_ptq", "status": "running",
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_dir": str(run_dir), "params": q,
-              "versions": state.versions(), "timings": timings}
-    with prepared(q, export_dir=partial) as p:
-        from . import patches
+    partial = final.with_name(final.name + atomic.PARTIAL)
+    with prepared(q, export_dir=partial) as p, \
+            DriverRun(run_dir, HfPtqDriver.name, q, hf_ptq=p.facts, resources=(facts or {}).get("resources")) as run:
+        run.update(patches=patches.apply(force=bool(q.get("force", False))))
+        if partial.exists():
+            shutil.rmtree(partial)
+        results: dict = {}
+        with calibration_observers(p.module, run.phase) as seen, \
+                export_hook(p.module, hook or post_calibration_hook(run.run_dir, q, seen, results, run.ledger),
+                            run.phase) as exports, \
+                cpu_rehearsal(p.module, p.args) as let_through:
+            p.module.main(p.args)
+        if len(exports) != 1:
+            raise RuntimeError(f"hf_ptq.main returned after {len(exports)} calls of export_quantized, not 1")
+        with run.phase("finalize"):
+            atomic.replace_dir(partial, final)
+            if (final / SUMMARY).exists():
+                shutil.copy2(final / SUMMARY, run.run_dir / SUMMARY)
+        return run.done(export={"dir": str(final)}, cpu_rehearsal_guard_lines=let_through, **results)
 
-        record.update(hf_ptq=p.facts)
-        atomic.write_json(run_dir / RECORD, record)
-        try:
-            record["patches"] = _apply_patches(q)
-            if partial.exists():
-                shutil.rmtree(partial)
-            results: dict = {}
-            with drivers.step_memory(run_dir) as mem:
-                def around(name):
-                    return drivers.timed_phase(mem, name, timings)
 
-                with calibration_observers(p.module, around) as seen, \
-                        export_hook(p.module, hook or post_calibration_hook(run_dir, q, seen, results),
-                                    around) as exports, \
-                        cpu_rehearsal(p.module, p.args) as let_through:
-                    p.module.main(p.args)
-                if len(exports) != 1:
-                    raise RuntimeError(f"hf_ptq.main returned after {len(exports)} calls of export_quantized, not 1")
-                with around("finalize"):
-                    drivers.swap_into_place(partial, final)
-                    if (final / drivers.SUMMARY).exists():
-                        shutil.copy2(final / drivers.SUMMARY, run_dir / drivers.SUMMARY)
-            record.update(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), export={"dir": str(final)},
-                          cpu_rehearsal_guard_lines=let_through, bad_amax=patches.bad_amax_report(), **results)
-            atomic.write_json(run_dir / RECORD, record)
-            return record
-        except BaseException as e:
-            record.update(status="failed", error=f"{type(e).__name__}: {e}",
-                          traceback=traceback.format_exc()[-4000:], bad_amax=patches.bad_amax_report())
-            atomic.write_json(run_dir / RECORD, record)
-            raise
+class HfPtqDriver(Driver):
+    """modelopt's own examples/hf_ptq/hf_ptq.py from a Model-Optimizer checkout, run in-process."""
+
+    name = "hf_ptq"
+
+    @classmethod
+    def settings(cls, q: dict) -> dict:
+        return {**HF_PTQ_DEFAULTS, **q["hf_ptq"]}
+
+    @classmethod
+    def preflight(cls, q: dict) -> dict:
+        facts = checkout_preflight(q)
+        return {**check_inputs(q, cls.settings(q)), "driver_facts": facts}
+
+    @classmethod
+    def run(cls, q: dict, run_dir: Path, progress: bool = True, facts: dict | None = None) -> dict:
+        return run(q, run_dir, progress=progress, facts=facts)

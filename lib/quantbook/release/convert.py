@@ -27,15 +27,16 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
+from .. import atomic
+from ..errors import FormatError
+from . import resume
 from .dequant import dequant_fp4, dequant_fp8
 from .format import (
-    DTYPE_SIZE, FP4_WEIGHT, FP8_BLOCK, FP8_WEIGHT, SCALE, FormatError, TensorSpec, bf16_config,
-    dequant_shape, expected_tensors, load_config, scale_of_weight, weight_of_scale,
+    FP4_WEIGHT, FP8_BLOCK, FP8_WEIGHT, SCALE, TensorSpec, bf16_config, dequant_shape, expected_tensors, load_config,
+    scale_of_weight, weight_of_scale,
 )
-from . import resume
 from .resume import Job, free_disk, run_shards
-from .shards import HASH, INDEX_NAME, ShardWriter, TensorEntry, read_header, read_index, read_range
+from .shards import DTYPE_SIZE, HASH, INDEX_NAME, ShardWriter, TensorEntry, read_header, read_index, read_range
 
 MANIFEST = "quantbook-dequant.json"
 DEFAULT_CHUNK_ELEMS = 4 * 1024 * 1024
@@ -95,8 +96,6 @@ def _check_tensor(name: str, entry: TensorEntry, shard: str, spec: TensorSpec | 
     if spec is None:
         raise FormatError(f"shard {shard}: tensor {name} ({entry.dtype}{list(entry.shape)}) is not part of the V4 format")
     ok_dtypes = SCALE_DTYPES if spec.kind == SCALE else (spec.dtype,)
-    if spec.kind == FP8_WEIGHT and name.split(".ffn.experts.")[0] != name:
-        ok_dtypes = ("F8_E4M3",)
     if entry.dtype not in ok_dtypes:
         raise FormatError(
             f"shard {shard}: tensor {name}: dtype {entry.dtype}, the V4 format has {' or '.join(ok_dtypes)} here"
@@ -207,7 +206,7 @@ def check_destination(p: Plan) -> None:
         if manifest.get("source_id") != p.source_id:
             return f"a run of another source ({manifest.get('source')})"
 
-    resume.check_destination(p.src, p.dst, MANIFEST, p.shards, foreign, FormatError)
+    resume.check_destination(p.src, p.dst, MANIFEST, p.shards, foreign)
 
 
 def _read_tensor_rows(path: Path, entry: TensorEntry, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
@@ -380,6 +379,13 @@ def verify_sample(p: Plan, n: int = 8, seed: int = 0) -> list[dict]:
         rows.append({"tensor": op.out_name, "shard": sp.name, "kind": op.kind, "dtype": op.out_dtype,
                      "shape": "x".join(map(str, op.out_shape)), "identical": same})
     return rows
+
+
+def require_identical(rows: list[dict]) -> None:
+    """Raise FormatError naming every sampled tensor whose output differs from the source's dequantization."""
+    bad = [r["tensor"] for r in rows if not r["identical"]]
+    if bad:
+        raise FormatError(f"output differs from the source's dequantization: {bad}")
 
 
 def dequantize(src, dst, workers: int = 2, device: str = "cpu", chunk_elems: int = DEFAULT_CHUNK_ELEMS,

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
-from .atomic import write_text
+from ..atomic import write_text
 
 log = logging.getLogger(__name__)
 

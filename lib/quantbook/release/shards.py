@@ -1,8 +1,10 @@
 """safetensors files read and written as bytes: headers, byte ranges, streaming shard writes.
 
 Reading goes through the header and file offsets only, so a validation pass over a 64-shard
-release touches a few kilobytes per shard. Writing streams tensors in order into a temporary
-file that is renamed when complete, so a shard on disk is either whole or absent.
+release touches a few kilobytes per shard; `Checkpoint` reads a sharded directory that way, one
+tensor at a time. Writing streams tensors in order into a temporary file that is renamed when
+complete, so a shard on disk is either whole or absent. The dtype tables (bytes per element,
+torch dtype per safetensors name) live here, beside the I/O that needs them.
 """
 
 from __future__ import annotations
@@ -11,14 +13,37 @@ import json
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
 
-from .format import DTYPE_SIZE, FormatError
+from ..errors import FormatError
 
 INDEX_NAME = "model.safetensors.index.json"
+# safetensors dtype name -> bytes per element
+DTYPE_SIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+_TORCH: dict = {}
+
+
+def torch_dtype(dtype: str):
+    """The torch dtype of a safetensors dtype name (F8_E8M0 -> torch.float8_e8m0fnu, ...)."""
+    if not _TORCH:
+        import torch
+
+        _TORCH.update({
+            "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn,
+            "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu, "I16": torch.int16,
+            "U16": torch.uint16, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
+            "U32": torch.uint32, "F32": torch.float32, "I64": torch.int64, "U64": torch.uint64,
+            "F64": torch.float64,
+        })
+    return _TORCH[dtype]
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 COPY_CHUNK = 16 * 1024 * 1024
 
@@ -202,3 +227,79 @@ def file_digest(path: str | Path) -> str:
         while chunk := f.read(COPY_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+class Checkpoint:
+    """A safetensors checkpoint directory read through headers and byte ranges only."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        if (self.dir / INDEX_NAME).exists():
+            self.index = read_index(self.dir)
+            self.weight_map = dict(self.index["weight_map"])
+        else:  # a single-file export (modelopt writes `model.safetensors` for small models)
+            self.index = None
+            self.weight_map = {}
+            for p in sorted(self.dir.glob("*.safetensors")):
+                for name in read_header(p).tensors:
+                    self.weight_map[name] = p.name
+        self._headers: dict = {}
+        self._lock = threading.Lock()
+
+    def header(self, shard: str) -> ShardHeader:
+        with self._lock:
+            if shard not in self._headers:
+                self._headers[shard] = read_header(self.dir / shard)
+            return self._headers[shard]
+
+    @property
+    def shards(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+    def entry(self, name: str) -> TensorEntry:
+        shard = self.weight_map.get(name)
+        if shard is None:
+            raise FormatError(f"{self.dir}: tensor {name} is not in the checkpoint")
+        try:
+            return self.header(shard).tensors[name]
+        except KeyError:
+            raise FormatError(f"shard {shard}: tensor {name} is in the index but not in the shard") from None
+
+    def path(self, name: str) -> Path:
+        return self.dir / self.weight_map[name]
+
+    def raw(self, name: str) -> bytearray:
+        e = self.entry(name)
+        return read_range(self.path(name), e.start, e.nbytes)
+
+    def tensor(self, name: str):
+        """The tensor as stored (dtype from the header), on the CPU."""
+        import torch
+
+        e = self.entry(name)
+        raw = self.raw(name)
+        t = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        return t.view(torch_dtype(e.dtype)).reshape(e.shape)
+
+    def tensors(self, names: list[str]) -> dict:
+        """Many tensors at once, one open file per shard (small tensors: scalars, scales)."""
+        import torch
+
+        by_shard: dict[str, list[str]] = {}
+        for n in names:
+            if n in self.weight_map:
+                by_shard.setdefault(self.weight_map[n], []).append(n)
+        out = {}
+        for shard, ns in by_shard.items():
+            hd = self.header(shard)
+            with open(self.dir / shard, "rb") as f:
+                for n in ns:
+                    e = hd.tensors[n]
+                    f.seek(e.start)
+                    raw = bytearray(f.read(e.nbytes))
+                    t = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+                    out[n] = t.view(torch_dtype(e.dtype)).reshape(e.shape)
+        return out
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map

@@ -2,8 +2,10 @@
 
 Everything here is derived from `config.json`. The tensor table is the single place where the
 project says what a V4 checkpoint holds; `tiny` builds checkpoints from it, `convert` validates
-real ones against it, and the serving-layout writer reuses it. Facts come from
-shared/docs/deepseek-v4-format.md and shared/reference/deepseek-v4/tensor-patterns.md.
+real ones against it, and the serving-layout writer reuses it. The name grammar below (`component`,
+`expert_name`, `expert_prefix`) is the one place that says what a native name means; every other
+module asks it. Facts come from the DeepSeek V4 format notes in the shared docs folder beside the
+checkout (`deepseek-v4-format.md`, `reference/deepseek-v4/tensor-patterns.md`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import FormatError
+from .shards import DTYPE_SIZE
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 FLASH_CONFIG = CONFIG_DIR / "DeepSeek-V4-Flash.json"
 PRO_CONFIG = CONFIG_DIR / "DeepSeek-V4-Pro.json"
@@ -21,22 +26,11 @@ PRO_CONFIG = CONFIG_DIR / "DeepSeek-V4-Pro.json"
 FP8_BLOCK = 128  # FP8 weights: one E8M0 scale per 128x128 block
 FP4_GROUP = 32  # FP4 experts: one E8M0 scale per 32 input elements of a row
 
-# safetensors dtype name -> bytes per element
-DTYPE_SIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}
-
 # Tensor kinds. A quantized weight and its `.scale` companion always travel together.
 FP8_WEIGHT = "fp8_weight"  # F8_E4M3 [out, in], scale [ceil(out/128), ceil(in/128)]
 FP4_WEIGHT = "fp4_weight"  # I8 [out, in/2] (two E2M1 per byte), scale [out, in/32]
 SCALE = "scale"
 PLAIN = "plain"  # BF16, F32 or I64: copied as it is
-
-
-class FormatError(ValueError):
-    """A checkpoint that does not follow the V4 format; the message names tensor and shard."""
 
 
 @dataclass(frozen=True)
@@ -61,8 +55,13 @@ def load_config(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no config.json (is this a checkpoint directory?)") from None
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: corrupt JSON ({e})") from None
 
 
 def _ceil(a: int, b: int) -> int:
@@ -209,7 +208,84 @@ def dequant_shape(spec: TensorSpec) -> tuple[int, ...]:
     return spec.shape
 
 
-ROUTED_EXPERT = re.compile(r"^(layers|mtp)\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.(weight|scale)$")
+# ----------------------------------------------------------------------------- the name grammar
+
+PROJS = ("w1", "w2", "w3")  # gate, down, up: w1 and w3 read the layer input, w2 the gated product
+# what follows a routed expert's projection: released (`weight`, `scale`) or NVFP4 serving tensors
+EXPERT_TENSORS = ("weight", "scale", "weight_scale", "weight_scale_2", "input_scale")
+_BLOCK = re.compile(r"^(layers|mtp)\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.(w[123])(?:\.(\w+))?$")
+
+
+@dataclass(frozen=True)
+class ExpertName:
+    """A routed expert's projection, or one of its tensors: `layers.3.ffn.experts.7.w1[.weight]`."""
+
+    block: str  # "layers" (a main decoder layer) or "mtp"
+    layer: int
+    expert: int
+    proj: str  # w1 | w2 | w3
+    tensor: str | None = None  # one of EXPERT_TENSORS, None for the projection itself
+
+    @property
+    def mtp(self) -> bool:
+        return self.block == "mtp"
+
+    @property
+    def prefix(self) -> str:
+        return expert_prefix(self.layer, self.expert, self.proj, self.block)
+
+
+def expert_prefix(layer: int, expert: int, proj: str, block: str = "layers") -> str:
+    """`layers.{layer}.ffn.experts.{expert}.{proj}`: a routed expert projection's native name."""
+    return f"{block}.{layer}.ffn.experts.{expert}.{proj}"
+
+
+def expert_name(name: str) -> ExpertName | None:
+    """Parse a routed expert projection or tensor name; None for anything else."""
+    m = _BLOCK.match(name)
+    e = _EXPERT.match(m.group(3)) if m else None
+    if e is None or (e.group(3) is not None and e.group(3) not in EXPERT_TENSORS):
+        return None
+    return ExpertName(m.group(1), int(m.group(2)), int(e.group(1)), e.group(2), e.group(3))
+
+
+def split_block(name: str) -> tuple[str | None, int | None, str]:
+    """`layers.3.attn.wq_a.weight` -> ("layers", 3, "attn.wq_a.weight"); top-level names -> (None, None, name)."""
+    m = _BLOCK.match(name)
+    return (m.group(1), int(m.group(2)), m.group(3)) if m else (None, None, name)
+
+
+def component(name: str) -> str:
+    """What part of V4 a native name (tensor, module or quantizer) belongs to.
+
+    routed_expert | shared_expert | router | indexer | compressor | attention | mtp_proj | norm |
+    hyper_connection | embed | head | other. The indexer's own compressor counts as indexer.
+    """
+    _, _, rest = split_block(name)
+    if rest.startswith("ffn.experts"):
+        return "routed_expert"
+    if rest.startswith("ffn.shared_experts"):
+        return "shared_expert"
+    if rest == "ffn.gate" or rest.startswith("ffn.gate."):
+        return "router"
+    if rest.startswith("attn.indexer"):
+        return "indexer"
+    if rest.startswith("attn.compressor"):
+        return "compressor"
+    if rest.startswith("attn.") or rest == "attn":
+        return "attention"
+    if rest.startswith(("e_proj", "h_proj")):
+        return "mtp_proj"
+    if rest.startswith("hc_"):
+        return "hyper_connection"
+    if rest.endswith("norm.weight") or rest in ("norm", "enorm", "hnorm"):
+        return "norm"
+    if rest.startswith("embed"):
+        return "embed"
+    if rest.startswith("head"):
+        return "head"
+    return "other"
 
 
 def bf16_config(config: dict) -> dict:

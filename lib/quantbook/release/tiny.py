@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
+from .. import atomic
+from ..errors import DestinationError, FormatError
 from .dequant import E2M1
 from .format import (
-    FLASH_CONFIG, FP4_GROUP, FP4_WEIGHT, FP8_BLOCK, FP8_WEIGHT, SCALE, TensorSpec, load_config,
+    FLASH_CONFIG, FP4_GROUP, FP4_WEIGHT, FP8_BLOCK, FP8_WEIGHT, SCALE, TensorSpec, load_config, named_config,
     scale_of_weight, shard_groups, shard_name,
 )
 from .shards import INDEX_NAME, ShardWriter
@@ -146,10 +147,23 @@ def make_tiny(out: str | Path, like: str | Path = FLASH_CONFIG, seed: int = 0, l
     """Write a tiny checkpoint in the released format to `out` (which must not exist or be empty)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty")
-    out.mkdir(parents=True, exist_ok=True)
+        raise DestinationError(f"{out} is not empty: make-tiny writes into a new or empty directory")
     config = tiny_config(load_config(like), layers=layers, experts=experts)
-    return write_checkpoint(config, out, seed)
+    with atomic.partial_dir(out) as work:  # a killed build leaves no half checkpoint under `out`
+        write_checkpoint(config, work, seed)
+    return out
+
+
+def build_if_missing(source: str | Path, spec: dict | None) -> bool:
+    """Build the tiny release at `source` from a params `tiny:` section ({like, seed, layers,
+    experts}) when `source` does not exist; True when it was built."""
+    if Path(source).exists():
+        return False
+    if not spec:
+        raise FormatError(f"source {source} does not exist (and no `tiny:` section asks to build it)")
+    make_tiny(source, like=named_config(spec.get("like", "flash")), seed=spec.get("seed", 0),
+              layers=spec.get("layers", 4), experts=spec.get("experts"))
+    return True
 
 
 def write_checkpoint(config: dict, out: Path, seed: int = 0, tensors=_tensors) -> Path:

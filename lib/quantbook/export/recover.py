@@ -25,13 +25,18 @@ its table and verdict written into the run directory.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
-from . import atomic
-from .amax import SNAPSHOT, amax_problem, load_snapshot, parse_quantizer, split_key
-from .params import ParamsError
+from .. import atomic
+from ..amax import SNAPSHOT, amax_problem, load_snapshot, parse_quantizer, split_key
+from ..calibrate import hf_model, patches
+from ..calibrate.settings import modelopt_settings, normalize
+from ..calibrate.state import (
+    FULL_STATE, MANIFEST, QUANTIZER_TENSORS, STATE_DIR, load_manifest, model_identity, versions,
+)
+from ..errors import LayoutError, ParamsError, RecoverError, StateError
+from ..records.step import StepRecord
 
 RECORD = "export.json"
 LAYOUTS = ("v4-serving", "generic")
@@ -46,10 +51,6 @@ EXPORT_DEFAULTS = {
     "verify_sample": None,  # numeric check on N expert tensors spread over the model (None: all)
 }
 OK, WARN, FAIL = "ok", "warn", "fail"
-
-
-class RecoverError(RuntimeError):
-    """Nothing usable to export from, or an export that cannot be written; the message says why."""
 
 
 def export_settings(e: dict | None) -> dict:
@@ -73,8 +74,6 @@ def export_settings(e: dict | None) -> dict:
 
 
 def state_dir(run_dir: str | Path) -> Path:
-    from .state import STATE_DIR
-
     return Path(run_dir) / STATE_DIR
 
 
@@ -84,8 +83,6 @@ def amax_from_state_files(run_dir: str | Path) -> tuple[dict, str]:
     Order: the raw snapshot; the cheap state's quantizer tensors (verified against its manifest;
     their activation amax are the ones the run repaired); the full state (`mto.save`).
     """
-    from .state import FULL_STATE, QUANTIZER_TENSORS, StateError, load_manifest
-
     run_dir = Path(run_dir)
     tried = []
     snap = run_dir / SNAPSHOT
@@ -132,8 +129,6 @@ def validate_state(run_dir: str | Path, model_path: str | Path | None = None, so
     Verdict `ok` (warnings allowed: e.g. uncalibrated experts the export fills and lists) or
     `refused` (an export from this state would fail or be wrong).
     """
-    from .state import QUANTIZER_TENSORS, StateError, load_manifest, model_identity, versions
-
     run_dir = Path(run_dir)
     rows: list[dict] = []
     sd = state_dir(run_dir)
@@ -215,8 +210,8 @@ def validate_state(run_dir: str | Path, model_path: str | Path | None = None, so
 
 def _serving_feasibility(amax: dict, source, model_path) -> dict:
     """Can the v4-serving layout be written from these amax (a config is needed to map experts)?"""
-    from .format import load_config
-    from .layout import LayoutError, expert_amax, resolve_amax
+    from ..release.format import load_config
+    from .layout import expert_amax, resolve_amax
 
     cfg_dir = source or model_path
     row = {"check": "v4-serving from these amax"}
@@ -241,6 +236,13 @@ def _serving_feasibility(amax: dict, source, model_path) -> dict:
                       f"all {L * E * 3} expert projections have usable weight and input amax"}
 
 
+def require_ok(v: dict) -> None:
+    """Raise StateError when `validate_state` refused the run's state (its table says why)."""
+    if v["verdict"] != "ok":
+        failed = "; ".join(f"{r['check']}: {r['detail']}" for r in v["checks"] if r["status"] == FAIL)
+        raise StateError(f"the calibrated state of {v['run_dir']} is refused: {failed}")
+
+
 def format_validation(v: dict) -> str:
     lines = [f"calibrated state of {v['run_dir']}: {v['verdict'].upper()}"]
     w = max(len(r["check"]) for r in v["checks"]) if v["checks"] else 0
@@ -252,53 +254,49 @@ def format_validation(v: dict) -> str:
 # ----------------------------------------------------------------------------- the export
 
 
-def _restore_generic(run_dir: Path, model_path: str | None, progress: bool):
-    """The calibrated model rebuilt from the run: cheap state, or the full state dict."""
-    from . import drivers
-    from .state import FULL_STATE, MANIFEST, QUANTIZER_TENSORS, load_manifest
+def _restore_generic(run_dir: Path, model_path: str | None):
+    """The calibrated model rebuilt from the run: cheap state, or the full state dict.
 
+    (model, tokenizer, manifest, what it was restored from); the quantizers are attached to a
+    fresh patch ledger, so a bad amax met at export is replaced and named as in step 02."""
     manifest = load_manifest(state_dir(run_dir))
     if QUANTIZER_TENSORS in manifest["files"]:
-        model, tok, manifest = drivers.restore(run_dir, model_path=model_path)
+        model, tok, manifest = hf_model.restore(run_dir, model_path=model_path)
         return model, tok, manifest, "cheap state"
     if FULL_STATE not in manifest["files"]:
         raise RecoverError(f"{state_dir(run_dir) / MANIFEST}: neither {QUANTIZER_TENSORS} nor {FULL_STATE}")
     import modelopt.torch.opt as mto
 
-    from . import patches
-
     patches.apply()
-    s = drivers.modelopt_settings(drivers.normalize(manifest["params"]))
-    if model_path:
-        s["pyt_ckpt_path"] = model_path
-    model = drivers.load_model(s)
+    s = _settings(manifest, model_path)
+    model = hf_model.load_model(s)
     model = mto.restore(model, str(state_dir(run_dir) / FULL_STATE))
-    tok, side, pad = drivers.load_tokenizer(s["pyt_ckpt_path"], s["trust_remote_code"])
+    patches.Ledger().attach(model)
+    tok, side, pad = hf_model.load_tokenizer(s["pyt_ckpt_path"], s["trust_remote_code"])
     tok.padding_side = side
     tok.pad_token = pad
     return model, tok, manifest, "full state"
 
 
-def export_generic(run_dir: str | Path, out: str | Path, model_path: str | None = None,
-                   progress: bool = True) -> dict:
-    """modelopt's unified HF export rebuilt from the run's state, into `out` atomically (whole or absent)."""
-    from . import drivers
-
-    run_dir, out = Path(run_dir), Path(out)
-    model, tok, manifest, how = _restore_generic(run_dir, model_path, progress)
-    s = drivers.modelopt_settings(drivers.normalize(manifest["params"]))
+def _settings(manifest: dict, model_path: str | None) -> dict:
+    """The hf_ptq settings the run calibrated with (either driver's), the model path overridden."""
+    s = modelopt_settings(normalize(manifest["params"]), strict=False)
     if model_path:
         s["pyt_ckpt_path"] = model_path
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    if s["verbose"]:  # as step 02 writes it beside the export
-        import modelopt.torch.quantization as mtq
+    return s
 
-        mtq.print_quant_summary(model, str(partial))
-    rec = drivers.export_model(model, tok, s, partial)
-    atomic.replace_dir(partial, out)
+
+def export_generic(run_dir: str | Path, out: str | Path, model_path: str | None = None) -> dict:
+    """modelopt's unified HF export rebuilt from the run's state, into `out` atomically (whole or absent)."""
+    run_dir, out = Path(run_dir), Path(out)
+    model, tok, manifest, how = _restore_generic(run_dir, model_path)
+    s = _settings(manifest, model_path)
+    with atomic.partial_dir(out) as work:
+        if s["verbose"]:  # as step 02 writes it beside the export
+            import modelopt.torch.quantization as mtq
+
+            mtq.print_quant_summary(model, str(work))
+        rec = hf_model.export_model(model, tok, s, work)
     return {**rec, "dir": str(out), "restored_from": how}
 
 
@@ -306,7 +304,8 @@ def export(e: dict, run_dir: str | Path, progress: bool = True, verify_stem: str
     """Step 03: write the export named by the `export:` settings from the run's saved state, then verify it.
 
     Returns the record also written to `<run_dir>/export.json` (atomic): what was written, what
-    was filled, and the verifier's verdict (its table goes to `<run_dir>/verify.md`).
+    was filled, and the verifier's verdict (its table goes to `<run_dir>/verify.md`); plus, not
+    written there, the verifier's table (`verify_table`) and whole result (`verify`).
     """
     from .verify import format_table, verify, write_result
 
@@ -314,10 +313,7 @@ def export(e: dict, run_dir: str | Path, progress: bool = True, verify_stem: str
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    rec = {"kind": "quantbook.export", "status": "running", "settings": e, "run_dir": str(run_dir),
-           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    atomic.write_json(run_dir / RECORD, rec)
-    try:
+    with StepRecord(run_dir / RECORD, "quantbook.export", settings=e, run_dir=str(run_dir)) as rec:
         if e["layout"] == "v4-serving":
             from .layout import write_serving_layout
 
@@ -327,20 +323,13 @@ def export(e: dict, run_dir: str | Path, progress: bool = True, verify_stem: str
             rec.update(amax_origin=origin, layout_report={k: v for k, v in report.items() if k != "fills"},
                        fills=report["fills"])
         else:
-            rec.update(generic=export_generic(run_dir, e["dir"], model_path=e["reference"], progress=progress))
+            rec.update(generic=export_generic(run_dir, e["dir"], model_path=e["reference"]))
         result = verify(e["dir"], source=e["source"], reference=e["reference"], sample=e["verify_sample"],
                         workers=e["workers"], progress=progress)
         paths = write_result(result, run_dir, stem=verify_stem)
-        rec.update(status="done", verdict=result["verdict"], verify_summary=result["summary"],
-                   verify_files=[str(p) for p in paths], seconds=round(time.time() - t0, 2),
-                   finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        atomic.write_json(run_dir / RECORD, rec)
-        rec["verify_table"] = format_table(result)
-        return rec
-    except BaseException as ex:
-        rec.update(status="failed", error=f"{type(ex).__name__}: {ex}")
-        atomic.write_json(run_dir / RECORD, rec)
-        raise
+        out = rec.done(verdict=result["verdict"], verify_summary=result["summary"],
+                       verify_files=[str(p) for p in paths], seconds=round(time.time() - t0, 2))
+    return {**out, "verify_table": format_table(result), "verify": result}
 
 
 def default_run_dir(params: dict, runs_dir: str | Path = "runs") -> Path:
@@ -350,7 +339,7 @@ def default_run_dir(params: dict, runs_dir: str | Path = "runs") -> Path:
 
 def export_only(params_path: str | Path, run_dir: str | Path | None = None, progress: bool = True) -> tuple[dict, int]:
     """`--export-only`: step 03 from a run's saved state. (record, exit code: 0 pass, 1 fail, 3 research-only)."""
-    from .params import load_params
+    from ..params import load_params
     from .verify import exit_code
 
     params = load_params(params_path)
@@ -360,7 +349,7 @@ def export_only(params_path: str | Path, run_dir: str | Path | None = None, prog
 
 def validate_only(params_path: str | Path, run_dir: str | Path | None = None) -> tuple[dict, int]:
     """`--validate-only`: check the run's saved state without loading the model. (result, 0 ok / 1 refused)."""
-    from .params import load_params
+    from ..params import load_params
 
     params = load_params(params_path)
     e = {**EXPORT_DEFAULTS, **(params.get("export") or {})}
@@ -369,5 +358,5 @@ def validate_only(params_path: str | Path, run_dir: str | Path | None = None) ->
     return v, 0 if v["verdict"] == "ok" else 1
 
 
-__all__ = ["export", "export_only", "validate_only", "validate_state", "format_validation", "export_generic",
-           "amax_from_state_files", "export_settings", "EXPORT_DEFAULTS", "RecoverError"]
+__all__ = ["export", "export_only", "validate_only", "validate_state", "require_ok", "format_validation",
+           "export_generic", "amax_from_state_files", "export_settings", "EXPORT_DEFAULTS"]

@@ -44,8 +44,12 @@ import shutil
 import time
 from pathlib import Path
 
-from . import amax as amax_io
-from . import atomic, patches
+from .. import amax as amax_io
+from .. import atomic
+from ..errors import AmaxError, StaleCheckpoint, StateError
+from ..release.convert import MANIFEST as DEQUANT_MANIFEST
+from ..release.shards import HASH
+from . import patches
 
 STATE_DIR = "state"
 MANIFEST = "manifest.json"
@@ -56,18 +60,6 @@ LAYERWISE_DIR = "layerwise"
 LAYERWISE_CKPT = "ckpt"
 LAYERWISE_COUNTS = "token_counts"
 SIGNATURE = "quantbook-signature.json"
-
-
-class StateError(RuntimeError):
-    """A calibrated state that is missing, incomplete, corrupt or from another model."""
-
-
-class AmaxError(RuntimeError):
-    """Amax values that cannot be repaired (no calibrated activation at all, broken weights)."""
-
-
-class StaleCheckpoint(RuntimeError):
-    """A layerwise checkpoint directory written by another model, data, settings or versions."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,14 +85,15 @@ def _sha256_bytes(b: bytes) -> str:
 def model_identity(model_path: str | Path) -> dict:
     """Path, config hash and weights' identity of a checkpoint directory, without reading weights.
 
-    Weights' identity hashes the index and every shard's name and size, plus the sha256 that
+    Weights' identity hashes the index and every shard's name and size, plus the digest that
     step 01 recorded per shard (`quantbook-dequant.json`) when present, else each shard's mtime.
+    So two copies of step 01's output from the same release have one identity, wherever they are.
     """
     p = Path(model_path)
     cfg = p / "config.json"
     if not cfg.is_file():
         raise StateError(f"{p}: no config.json; not a checkpoint directory")
-    dequant = atomic.read_json(p / "quantbook-dequant.json", {}) or {}
+    dequant = atomic.read_json(p / DEQUANT_MANIFEST, {}) or {}
     recorded = dequant.get("shards", {})
     parts = []
     index = p / "model.safetensors.index.json"
@@ -109,7 +102,7 @@ def model_identity(model_path: str | Path) -> dict:
     for shard in sorted(p.glob("*.safetensors")):
         st = shard.stat()
         rec = recorded.get(shard.name, {})
-        ident = rec.get("sha256") if rec.get("size") == st.st_size else None
+        ident = rec.get(HASH) if rec.get("size") == st.st_size else None
         parts.append((shard.name, st.st_size, ident or f"mtime:{st.st_mtime_ns}"))
     return {
         "path": str(p.resolve()),
@@ -211,15 +204,16 @@ def _group(name: str) -> tuple:
     return (p.kind, p.module, p.role, p.projs)
 
 
-def repair_amax(model) -> list[dict]:
+def repair_amax(model, ledger: "patches.Ledger") -> list[dict]:
     """Give every enabled activation quantizer with a bad amax a fallback; the list of repairs.
 
-    Also checks weight quantizers (AmaxError on NaN/inf/negative) and registers the model's
-    largest calibrated activation amax as the export-time fallback of patch 3.
+    Also checks weight quantizers (AmaxError on NaN/inf/negative) and sets the model's largest
+    calibrated activation amax as the export-time fallback of patch 3 on `ledger`, which records
+    every repair by quantizer name.
     """
     import torch
 
-    patches.register_names(model)
+    ledger.attach(model)
     quantizers = list(iter_quantizers(model))
     weight_problems, bad, valid = [], [], {}
     for name, q in quantizers:
@@ -229,7 +223,7 @@ def repair_amax(model) -> list[dict]:
         problem = amax_io.amax_problem(raw)
         if _is_weight_quantizer(name):
             if problem in ("nan", "inf", "negative"):
-                weight_problems.append(f"{name}: {problem} {patches._sample(raw)}")
+                weight_problems.append(f"{name}: {problem} {amax_io.sample(raw)}")
             continue
         if problem is None:
             valid.setdefault(_group(name), []).append((name, raw))
@@ -240,8 +234,8 @@ def repair_amax(model) -> list[dict]:
                         + "\n  ".join(weight_problems[:20]))
     all_valid = [float(t.float().max()) for group in valid.values() for _, t in group]
     global_max = max(all_valid) if all_valid else None
-    patches.set_export_fallback(global_max, f"largest calibrated activation amax in the model "
-                                            f"({len(all_valid)} quantizers)" if all_valid else None)
+    ledger.set_fallback(global_max, f"largest calibrated activation amax in the model "
+                                    f"({len(all_valid)} quantizers)" if all_valid else None)
     repairs = []
     for name, q, raw, problem in bad:
         peers = valid.get(_group(name), [])
@@ -264,8 +258,8 @@ def repair_amax(model) -> list[dict]:
         if "_amax" in q._buffers:
             del q._buffers["_amax"]
         q.register_buffer("_amax", new)
-        values = patches._sample(raw) if raw is not None else None
-        patches.record_bad_amax(name, problem, values, value, source, "repair_amax (before export)")
+        values = amax_io.sample(raw) if raw is not None else None
+        ledger.record(name, problem, values, value, source, "repair_amax (before export)")
         repairs.append({"quantizer": name, "problem": problem, "values": values, "replacement": value,
                         "fallback": source})
     return repairs
@@ -323,14 +317,15 @@ def modelopt_token_counts(model) -> dict[str, list[int]]:
     return out
 
 
-def post_calibration(model, run_dir: str | Path, q: dict, *, calib: dict | None = None,
+def post_calibration(model, run_dir: str | Path, q: dict, ledger: "patches.Ledger", *, calib: dict | None = None,
                      token_counts: dict[str, list[int]] | None = None, model_path: str | None = None,
                      quant_cfg: dict | None = None, progress: bool = True, phase=None) -> dict:
     """The hook between calibration and export (both drivers). See the module docstring.
 
     `q` is the `quantize:` params section (stored in the manifest; `save_full_state` read from
-    it); `calib` is `calib.describe_dataloader(...)`; `token_counts` comes from
-    `calib.ExpertTokenCounter.as_dict()` (else modelopt's own counters, else none);
+    it); `ledger` the run's patch ledger (repairs are recorded there); `calib` is
+    `data.describe_dataloader(...)`; `token_counts` comes from
+    `data.ExpertTokenCounter.as_dict()` (else modelopt's own counters, else none);
     `quant_cfg` the quantization config used (its digest goes into the manifest); `phase(name)`
     an optional context manager factory marking the `snapshot` and `save_state` phases (e.g. of
     `memory.MemorySampler`). Returns a record of what was written and repaired.
@@ -343,14 +338,14 @@ def post_calibration(model, run_dir: str | Path, q: dict, *, calib: dict | None 
     model_path = model_path or (q.get("hf_ptq") or {}).get("pyt_ckpt_path")
     with phase("snapshot"):
         n = amax_to_cpu(model)
-        patches.register_names(model)
+        ledger.attach(model)
         before = validate_amax(model)
         meta = {"run_dir": str(run_dir), "model_path": model_path, "quantizers": n,
                 "amax_problems_before_repair": before["problems"], "versions": versions()}
         snap = snapshot(model, run_dir, metadata=meta)
         counts = token_counts if token_counts else modelopt_token_counts(model)
         counts_path = write_token_counts(run_dir, counts)
-        repairs = repair_amax(model)
+        repairs = repair_amax(model, ledger)
     if progress:
         print(f"[quantbook] amax snapshot: {snap['tensors']} tensors of {n} quantizers -> {snap['path']}")
     if progress and repairs:
@@ -392,40 +387,36 @@ def save_cheap_state(model, state_dir: str | Path, *, q: dict | None = None, mod
     from safetensors.torch import save_file
 
     final = Path(state_dir)
-    work = final.with_name(final.name + ".partial")
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    tensors = quantizer_tensors(model)
-    with atomic.atomic_path(work / QUANTIZER_TENSORS) as tmp:
-        save_file(tensors, str(tmp), metadata={"kind": "quantbook.quantizer_tensors"})
-        os.chmod(tmp, 0o644)  # safetensors recreates the file with mode 0600
-    with atomic.atomic_path(work / MODELOPT_STATE) as tmp:
-        torch.save(mto.modelopt_state(model), tmp)
-    files = [QUANTIZER_TENSORS, MODELOPT_STATE]
-    if save_full:
-        with atomic.atomic_path(work / FULL_STATE) as tmp:
-            mto.save(model, tmp)
-        files.append(FULL_STATE)
-    quantizers = sum(1 for _ in iter_quantizers(model))
-    manifest = {
-        "kind": "quantbook.calibrated_state",
-        "format": 1,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model": model_identity(model_path) if model_path else None,
-        "model_class": type(model).__name__,
-        "versions": versions(),
-        "params": q,
-        "quant_cfg_sha256": quant_cfg_digest(quant_cfg) if quant_cfg else None,
-        "quantizers": quantizers,
-        "quantizer_tensors": len(tensors),
-        "calibration": calib,
-        "amax_repairs": repairs or [],
-        "full_state": save_full,
-        "files": {name: _file_record(work / name) for name in files},
-    }
-    atomic.write_json(work / MANIFEST, manifest)
-    atomic.replace_dir(work, final)
+    with atomic.partial_dir(final) as work:
+        tensors = quantizer_tensors(model)
+        with atomic.atomic_path(work / QUANTIZER_TENSORS) as tmp:
+            save_file(tensors, str(tmp), metadata={"kind": "quantbook.quantizer_tensors"})
+            os.chmod(tmp, 0o644)  # safetensors recreates the file with mode 0600
+        with atomic.atomic_path(work / MODELOPT_STATE) as tmp:
+            torch.save(mto.modelopt_state(model), tmp)
+        files = [QUANTIZER_TENSORS, MODELOPT_STATE]
+        if save_full:
+            with atomic.atomic_path(work / FULL_STATE) as tmp:
+                mto.save(model, tmp)
+            files.append(FULL_STATE)
+        quantizers = sum(1 for _ in iter_quantizers(model))
+        manifest = {
+            "kind": "quantbook.calibrated_state",
+            "format": 1,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "model": model_identity(model_path) if model_path else None,
+            "model_class": type(model).__name__,
+            "versions": versions(),
+            "params": q,
+            "quant_cfg_sha256": quant_cfg_digest(quant_cfg) if quant_cfg else None,
+            "quantizers": quantizers,
+            "quantizer_tensors": len(tensors),
+            "calibration": calib,
+            "amax_repairs": repairs or [],
+            "full_state": save_full,
+            "files": {name: _file_record(work / name) for name in files},
+        }
+        atomic.write_json(work / MANIFEST, manifest)
     total = sum(r["size"] for r in manifest["files"].values())
     return {"dir": str(final), "bytes": total, "quantizers": quantizers, "tensors": len(tensors),
             "full_state": save_full}
@@ -468,7 +459,8 @@ def check_model(manifest: dict, model_path: str | Path, force: bool = False) -> 
         warnings.warn("FORCED: " + msg, stacklevel=2)
 
 
-def restore_into(model, state_dir: str | Path, *, model_path: str | None = None, force: bool = False):
+def restore_into(model, state_dir: str | Path, *, model_path: str | None = None, force: bool = False,
+                 ledger: "patches.Ledger | None" = None):
     """Turn a freshly loaded (unquantized) model into the calibrated one saved in `state_dir`.
 
     `mto.restore_from_modelopt_state` rebuilds the quantizers, then every saved quantizer
@@ -508,7 +500,8 @@ def restore_into(model, state_dir: str | Path, *, model_path: str | None = None,
         raise StateError(f"restored model has {len(quantizers)} quantizers, the state recorded "
                          f"{manifest['quantizers']}")
     amax_to_cpu(model)
-    patches.register_names(model)
+    if ledger is not None:
+        ledger.attach(model)
     return model
 
 

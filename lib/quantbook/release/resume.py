@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-from . import atomic
+from .. import atomic
+from ..errors import DestinationError
 from .shards import HASH, file_digest
 
 
@@ -37,8 +38,15 @@ def free_disk(path: Path) -> int:
     return shutil.disk_usage(existing_parent(path)).free
 
 
+def filesystem(path: Path) -> int:
+    """The device id of the filesystem that holds `path` (or its nearest existing parent)."""
+    import os
+
+    return os.stat(existing_parent(path)).st_dev
+
+
 def check_destination(src: Path, dst: Path, manifest_name: str, jobs: list, foreign: Callable[[dict], str | None],
-                      error: type[Exception], what: str = "destination") -> None:
+                      what: str = "destination") -> None:
     """Refuse a destination that overlaps the source, holds something else, or lacks disk space.
 
     A non-empty destination must hold `manifest_name` from an earlier run of the same job:
@@ -46,20 +54,20 @@ def check_destination(src: Path, dst: Path, manifest_name: str, jobs: list, fore
     `name` and `bytes_out`; shards the manifest records are not counted against free disk.
     """
     if dst == src or src in dst.parents or dst in src.parents:
-        raise error(f"{what} {dst} is the source, inside it or around it; choose a directory apart from {src}")
+        raise DestinationError(f"{what} {dst} is the source, inside it or around it; choose a directory apart from {src}")
     manifest = atomic.read_json(dst / manifest_name)
     if dst.exists() and any(dst.iterdir()):
         if manifest is None:
-            raise error(f"{what} {dst} is not empty and holds no {manifest_name}: refusing to write into a "
+            raise DestinationError(f"{what} {dst} is not empty and holds no {manifest_name}: refusing to write into a "
                         "directory that is not an earlier run of this job")
         why = foreign(manifest)
         if why:
-            raise error(f"{what} {dst} holds {why}; use an empty directory")
+            raise DestinationError(f"{what} {dst} holds {why}; use an empty directory")
     done = (manifest or {}).get("shards", {})
     needed = sum(j.bytes_out for j in jobs if j.name not in done)
     free = free_disk(dst)
     if free < needed:
-        raise error(f"{what} {dst}: {needed / 2**30:.2f} GiB still to write, {free / 2**30:.2f} GiB free")
+        raise DestinationError(f"{what} {dst}: {needed / 2**30:.2f} GiB still to write, {free / 2**30:.2f} GiB free")
 
 
 @dataclass

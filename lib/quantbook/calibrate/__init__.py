@@ -1,0 +1,44 @@
+"""Step 02: calibrate and quantize with NVIDIA Model Optimizer, through a driver chosen by name.
+
+    quantize(q, run_dir)   # preflight, resource check, then the driver's run: the record
+    preflight(q, run_dir)  # everything checked before a model loads (seconds)
+
+`q` is the `quantize:` section of a params file; `q["driver"]` names a driver in `registry`
+(`modelopt`: hf_ptq's pipeline on modelopt's API; `hf_ptq`: modelopt's own hf_ptq.py from a
+checkout). Modules: `settings` (defaults, hf_ptq flag names), `checks` (settings refused with
+the reason), `driver` (the interface and the scaffolding every driver runs in), `hf_model`
+(load, data, config and export as hf_ptq does them), `resources`, `patches`, `state` (amax
+snapshot and cheap calibrated state), `data` (calibration text, token counts), `report`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import registry
+from .resources import check_resources
+from .settings import normalize
+
+
+def preflight(q: dict, run_dir: str | Path) -> dict:
+    """The driver's checks (settings, checkpoint, data, versions, CUDA) and the resource estimate
+    (memory, disk), in seconds and before anything loads. Raises a QuantbookError on a refusal
+    (resources: unless `force`); returns the facts, resources under "resources"."""
+    q = normalize(q)
+    driver = registry.get(q["driver"])
+    facts = driver.preflight(q)
+    facts["resources"] = check_resources(q, run_dir)
+    return facts
+
+
+def quantize(q: dict, run_dir: str | Path, progress: bool = True, facts: dict | None = None) -> dict:
+    """Run step 02 with the driver `q["driver"]` names; the result record (also in quantize.json).
+
+    `facts` from an earlier `preflight(q, run_dir)` of the same settings skip a second preflight."""
+    q = normalize(q)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    facts = dict(facts or preflight(q, run_dir))
+    res = facts["resources"]
+    facts["resources"] = {k: res[k] for k in ("model_bytes", "export_bytes", "layerwise_bytes", "disk")}
+    return registry.get(q["driver"]).run(q, run_dir, progress=progress, facts=facts)

@@ -1,0 +1,117 @@
+"""What every calibration driver shares: the interface, the run record, phases, memory, checks.
+
+A driver is one way to calibrate (modelopt's API, modelopt's hf_ptq.py, ...). It subclasses
+`Driver`, is registered by name in `registry`, and runs inside a `DriverRun`: the record
+`quantize.json` in the run directory (atomic: running, then done or failed with the error), the
+memory timeline of step 02, timed phases, and the run's patch ledger (every bad amax replaced,
+by quantizer name). `check_inputs` holds the checks every driver of hf_ptq's pipeline makes
+before anything loads.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .. import atomic
+from ..errors import QuantizeError
+from ..records.memory import MemorySampler
+from ..records.step import Phases, StepRecord
+from . import patches
+from .checks import check_quantize_settings
+from .settings import calib_plan
+from .state import versions
+
+RESULT = "quantize.json"  # the record of step 02, whichever driver ran it
+SUMMARY = ".quant_summary.txt"  # modelopt's quantizer list, kept beside the record
+
+
+class Driver:
+    """A way to calibrate. Subclasses set `name` and implement the three classmethods.
+
+    `loads_whole_model`: the resource check compares the whole model against host plus GPU
+    memory (True), or one decoder layer against one GPU (a streaming driver).
+    """
+
+    name = ""
+    loads_whole_model = True
+
+    @classmethod
+    def settings(cls, q: dict) -> dict:
+        """The hf_ptq-named settings this driver will run with (defaults filled, checked)."""
+        raise NotImplementedError
+
+    @classmethod
+    def preflight(cls, q: dict) -> dict:
+        """Everything checked before a model loads, in seconds; raises a QuantbookError.
+
+        Returns at least {"settings", "model_config", "modelopt"} and the driver's own facts
+        under "driver_facts"."""
+        raise NotImplementedError
+
+    @classmethod
+    def run(cls, q: dict, run_dir: Path, progress: bool = True) -> dict:
+        """Calibrate, keep amax and state, export; returns the final `quantize.json` record."""
+        raise NotImplementedError
+
+
+def check_inputs(q: dict, s: dict) -> dict:
+    """The checks shared by the drivers of hf_ptq's pipeline: refused settings, the checkpoint's
+    config, the calibration data, the modelopt version, CUDA. Returns the facts."""
+    cfg_path = Path(s["pyt_ckpt_path"]) / "config.json"
+    model_config = atomic.read_json(cfg_path)
+    check_quantize_settings(q, model_config)
+    if model_config is None:
+        raise QuantizeError(f"{cfg_path}: missing; run step 01 (dequant) first or fix hf_ptq.pyt_ckpt_path")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    for d in calib_plan(s)[0]:
+        if d.endswith(".jsonl") and not Path(d).is_file():
+            raise QuantizeError(f"calibration dataset {d} does not exist; create it with "
+                                f"`quantbook calib-data {d}`")
+        if offline and not Path(d).exists():
+            raise QuantizeError(f"calibration dataset {d!r} is a hub name but HF_HUB_OFFLINE is set; "
+                                "use a local .jsonl (`quantbook calib-data`)")
+    version = patches.check_version(q["force"])
+    if s["device"] != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise QuantizeError(f"hf_ptq.device {s['device']!r} but CUDA is not available; use device: cpu")
+    return {"settings": s, "model_config": model_config, "modelopt": version}
+
+
+class DriverRun:
+    """The scaffolding a driver runs in (a context manager).
+
+    On entry: `quantize.json` says running (params, versions, the driver's facts), the memory
+    sampler starts. `phase(name)` times and marks a span; `update(**kw)` adds to the record;
+    `done(**result)` ends it. When the block raises, the record says failed, with the error and
+    the bad amax replaced so far, and the exception goes on.
+    """
+
+    def __init__(self, run_dir: str | Path, driver: str, q: dict, **facts):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.timings: dict = {}
+        self.ledger = patches.Ledger()
+        self.record = StepRecord(self.run_dir / RESULT, "quantbook.quantize", driver=driver,
+                                 run_dir=str(self.run_dir), params=q, versions=versions(), timings=self.timings,
+                                 **facts)
+        self.memory: MemorySampler | None = None
+        self.phase = Phases(None, self.timings)
+
+    def __enter__(self) -> "DriverRun":
+        self.memory = MemorySampler(self.run_dir, step="02_quantize").__enter__()
+        self.phase = Phases(self.memory, self.timings)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.memory.__exit__(exc_type, exc, tb)
+        if exc is not None:
+            self.record.failed(exc, bad_amax=self.ledger.report())
+
+    def update(self, **kw) -> None:
+        self.record.update(**kw)
+
+    def done(self, **result) -> dict:
+        return self.record.done(bad_amax=self.ledger.report(), **result)
