@@ -9,7 +9,7 @@ What it does, on one calibration of the BF16 model (NVFP4 experts only, max, no 
 1. logits of modelopt's fake-quantized model on a fixed batch;
 2. the v4-serving export written from that model's amax twice, NVFP4 math on CPU and on CUDA: the
    files must be identical (the writer's `device: cuda` gives the CPU bytes);
-3. every expert weight dequantized from the export (quantbook.verify.dequant_nvfp4) against
+3. every expert weight dequantized from the export (quantbook.export.verify.dequant_nvfp4) against
    modelopt's fake-quantized weight of the same expert (the weight the forward used): equal;
    every exported input_scale against the calibrated input amax / (6*448): equal;
 4. the same model with the expert weights replaced by the export's and the weight quantizers off

@@ -82,7 +82,7 @@ def main() -> int:
             "dataset": str(data), "calib_size": 32, "calib_seq": 128, "batch_size": 8, "device": "cuda",
             "skip_generate": True, "use_seq_device_map": torch.cuda.device_count() > 1}
     result = {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-              "versions": __import__("quantbook.state", fromlist=["versions"]).versions()}
+              "versions": __import__("quantbook.calibrate.state", fromlist=["versions"]).versions()}
 
     def run(name, **over):
         hf = {**base, **over.pop("hf", {}), "export_path": str(out / f"export-{name}")}

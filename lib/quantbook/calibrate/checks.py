@@ -1,7 +1,7 @@
 """Settings step 02 refuses before anything loads, each with the reason it is refused.
 
 Every refusal here is a mistake that cost the predecessor a run on the 8x B200 node (about
-$160 and up to 7 hours each, shared/docs/anchors.md): it failed only after the model had been
+$160 and up to 7 hours each, ../shared/docs/anchors.md): it failed only after the model had been
 loading for most of an hour. Both drivers and the notebook's preflight call
 `check_quantize_settings`, so a refused setting fails in well under a second, on any machine.
 

@@ -466,7 +466,7 @@ def calibration_observers(module, around=None):
 
     Wraps module globals that hf_ptq looks up at call time (same in 0.44-0.47): `load_model`
     (timed as "load"), `make_calib_dataloader` (its dataloader kept, to describe afterwards),
-    `quantize_main` (`calib.ExpertTokenCounter` hooks the routers of the loaded model for the
+    `quantize_main` (`data.ExpertTokenCounter` hooks the routers of the loaded model for the
     call, before calibration starts), `mono_quantize` (its quantization config kept; timed as
     "calibrate"). Yields {"dataloader", "counter", "quant_cfg"} as they appear.
     """

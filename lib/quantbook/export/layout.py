@@ -1,6 +1,6 @@
 """Step 03's serving layout for DeepSeek V4 (`export_layout: v4-serving`), built from the release.
 
-The one NVFP4 layout vLLM, SGLang and TensorRT-LLM all load for V4 (shared/docs/
+The one NVFP4 layout vLLM, SGLang and TensorRT-LLM all load for V4 (../shared/docs/
 v4-nvfp4-serving-layout.md): routed experts of the main layers become NVFP4, four tensors per
 projection; every other tensor is copied byte for byte from the released shards, `mtp.*`
 included; same shard names; index, `config.json` and `hf_quant_config.json` in NVIDIA's form.
@@ -51,7 +51,7 @@ MANIFEST = "quantbook-layout.json"
 HF_QUANT_CONFIG = "hf_quant_config.json"
 GROUP = 16  # NVFP4 block: one E4M3 scale per 16 inputs
 FP4_MAX, FP8_MAX = 6.0, 448.0
-# NVIDIA's published DeepSeek-V4-Pro-NVFP4 (shared/reference/deepseek-v4/nvfp4-serving-layout/)
+# NVIDIA's published DeepSeek-V4-Pro-NVFP4 (../shared/reference/deepseek-v4/nvfp4-serving-layout/)
 PRODUCER = {"name": "modelopt", "version": "dsv4-nvfp4-experts"}
 IGNORE = ["*.attn.*", "*.ffn.shared_experts.*", "head", "mtp.*"]
 # resolved amax columns per expert

@@ -5,7 +5,7 @@ calibrated state (`state/`: modelopt_state + quantizer tensors + manifest) and, 
 full state. From those:
 
 - `layout: v4-serving` (the default for DeepSeek V4): the serving layout is written from the
-  RELEASE plus the calibrated expert amax (quantbook.layout); no model is loaded at all. The amax
+  RELEASE plus the calibrated expert amax (export.layout); no model is loaded at all. The amax
   come from the snapshot, or, when it is missing or unreadable, from the state's quantizer
   tensors, or from the full state. The same amax give the same bytes, whichever file they came
   from (tests/test_recover.py).

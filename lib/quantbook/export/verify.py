@@ -1,6 +1,6 @@
 """`quantbook verify`: is an export the V4 serving layout, whole, and numerically right?
 
-For a v4-serving export it applies the contract's checklist (shared/docs/v4-nvfp4-serving-
+For a v4-serving export it applies the contract's checklist (../shared/docs/v4-nvfp4-serving-
 layout.md) plus a numeric check, and gives `pass` or `fail`. A generic modelopt export of the
 transformers model gets `research-only` with every reason it is not loadable by vLLM/SGLang for V4.
 

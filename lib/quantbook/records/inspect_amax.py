@@ -186,7 +186,7 @@ def enabled_quantizers(meta: dict) -> list[str] | None:
 def load_repairs(run_dir: str | Path) -> pd.DataFrame:
     """The activation amax step 02 replaced before export (`amax_repairs` in its quantize.json):
     the snapshot holds the values BEFORE that repair."""
-    p = Path(run_dir) / "quantize.json"  # drivers.RESULT (not imported: it pulls in modelopt's patches)
+    p = Path(run_dir) / "quantize.json"  # calibrate.driver.RESULT (not imported: it pulls in modelopt's patches)
     found = []
 
     def walk(x):

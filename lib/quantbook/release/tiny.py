@@ -24,7 +24,7 @@ from .format import (
 )
 from .shards import INDEX_NAME, ShardWriter
 
-# Dimensions that transformers' deepseek_v4 accepts (shared/docs/deepseek-v4-format.md).
+# Dimensions that transformers' deepseek_v4 accepts (../shared/docs/deepseek-v4-format.md).
 TINY_DIMS = dict(
     hidden_size=256, num_attention_heads=4, head_dim=128, qk_rope_head_dim=64, q_lora_rank=128,
     o_groups=2, o_lora_rank=128, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
