@@ -24,6 +24,16 @@ def cmd_make_tiny(a) -> int:
     return 0
 
 
+def cmd_make_sparse(a) -> int:
+    from .release.sparse import allocated_bytes, write_sparse_release
+
+    out = write_sparse_release(named_config(a.like), a.out)
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    print(f"full-size release as sparse files written to {out}: {size / 2**30:,.1f} GiB apparent, "
+          f"{allocated_bytes(out) / 2**20:,.1f} MiB on disk (data reads as zeros)")
+    return 0
+
+
 def cmd_dequant(a) -> int:
     from .release.convert import accounting_rows, check_destination, format_table, plan, plan_summary, run
 
@@ -143,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--experts", type=int, default=None)
     p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("make-sparse", help="a full-size release's exact shards and headers, data as holes (seconds)")
+    p.add_argument("out")
+    p.add_argument("--like", default="pro", help="pro, flash, or a config.json path (default: pro)")
+    p.set_defaults(func=cmd_make_sparse)
 
     p = sub.add_parser("dequant", help="FP8/FP4 release -> BF16 checkpoint (exact, resumable)")
     p.add_argument("src")
