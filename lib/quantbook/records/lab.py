@@ -252,9 +252,18 @@ def open_run(run_dir: str | Path, port: int | None = None, ip: str = "127.0.0.1"
     run_dir = Path(run_dir).resolve()
     nb = lab_notebook(run_dir)
     stop = stop or threading.Event()
+    previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    try:
+        _serve(run_dir, nb, port, ip, browser, echo, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(run_dir: Path, nb: Path, port, ip: str, browser: bool, echo, stop: threading.Event) -> None:
     with LabServer(run_dir, port=port, ip=ip) as lab:
         shown = lab.check_kernel(kernel_name(nb))
         url = lab.url(f"lab/tree/{nb.name}")
