@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set quantbook up in .venv/ at the repository root, with the versions it is tested with.
 #   scripts/setup.sh          the runbook: torch, modelopt, transformers, notebooks, calibration text
-#   scripts/setup.sh --test   the same plus test tools (pytest, headless Chromium for the HTML test)
+#   scripts/setup.sh --test   the same plus test tools (pytest, Playwright, Debian's headless Chromium for the
+#                             HTML and JupyterLab browser tests: Playwright drives it, it never downloads a browser)
 # TORCH_SPEC overrides the torch requirement (a GPU node: the CUDA build matching its driver).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,6 @@ pip install -c constraints.txt -e ".[$extras]"
 if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   $sudo apt-get update -qq && $sudo apt-get install -y -qq chromium >/dev/null \
-    || echo "setup: could not install chromium; the HTML rendering test will say so" >&2
+    || echo "setup: could not install chromium; the browser tests will say so" >&2
 fi
 echo "setup: done (.venv/bin/quantbook)"

@@ -30,18 +30,21 @@ def report(tmp_path_factory):
         with mem.phase("calibrate"):
             pass
     params = run.parent / "p.yaml"
-    params.write_text(yaml.safe_dump({"name": "html", "inspect": {"interactive": False}}))
+    params.write_text(yaml.safe_dump({"name": "html", "inspect": {"interactive": True}}))
     run_chain(params, steps="04", runs_dir=run.parent, progress=False, echo=lambda s: None)
     return run / "04_inspect_amax.html"
 
 
 def test_report_figures_decode_in_chromium(report):
     dom, facts = render_report(report)
-    # histograms, layer profile, token heat map, memory timeline: all decoded, none a stub
-    assert facts["images"] == 4 and facts["decoded"] == 4, facts
+    # histograms, layer profile, token heat map, memory timeline, the explorer's first view: all decoded
+    assert facts["images"] == 5 and facts["decoded"] == 5, facts
     assert all(w > 300 and h > 150 for w, h in facts["sizes"]), facts
     assert "Anomalies by name" in dom and "model.layers.3.mlp.experts.down_proj_weight_quantizers.4" in dom
     assert "layers.1.ffn.experts.3" in dom
+    # the explorer's place holds a figure (its static first view), not an empty widget output
+    explore = dom.index("Explore the amax")
+    assert explore < dom.find("<img", explore) < dom.index("The export's scales")
 
 
 def test_report_screenshot_is_not_blank(report, tmp_path):

@@ -173,13 +173,41 @@ def test_figures_and_explorer(injected):
     assert ia.plot_layer_profile(run) is not None
     fig = ia.plot_token_counts(run)
     assert "never routed in red: 2 of 96" in fig.axes[0].get_title()
-    box = ia.explorer(run)
-    layer_w, proj_w, expert_w = box.children[0].children
-    layer_w.value = 4
-    assert all(o.startswith(("attention", "compressor", "indexer", "routed", "shared")) for o in proj_w.options)
-    proj_w.value = next(o for o in proj_w.options if o.startswith("routed w2"))
-    expert_w.value = 9
     plt.close("all")
+
+
+def test_explorer(injected):
+    """One draw per change (a layer whose projection list differs included), the chosen quantizers'
+    names and amax from the table, the current view as PNG in the display bundle, no pyplot figure."""
+    import base64
+
+    import matplotlib.pyplot as plt
+
+    run = ia.load_run(injected)
+    ex = ia.explorer(run)
+    assert ex.draws == 1 and list(ex.layer_w.options) == list(range(6)) and ex.expert_w.max == 15
+    by_layer = {L: set(ex.views.projections[L]) for L in ex.layer_w.options}
+    a, b = next((a, b) for a in by_layer for b in by_layer if by_layer[a] - by_layer[b])
+    ex.layer_w.value = a
+    ex.proj_w.value = sorted(by_layer[a] - by_layer[b])[0]  # a projection layer b does not have
+    draws, png = ex.draws, ex.png()
+    ex.layer_w.value = b
+    assert ex.draws == draws + 1 and ex.proj_w.value == ex.views.projections[b][0] and ex.png() != png
+    ex.layer_w.value = 4
+    ex.proj_w.value = next(o for o in ex.proj_w.options if o.startswith("routed w2"))
+    ex.expert_w.value = 9
+    amax = run.amax.set_index("name")["amax"]
+    weight, shared = f"{L}4.mlp.experts.down_proj_weight_quantizers.9", f"{L}4.mlp.experts.down_proj_input_quantizer"
+    assert [r[0] for r in ex.rows] == [weight, shared] and all(r[2] == amax[r[0]] for r in ex.rows)
+    assert all(n in ex.text.value for n in (weight, shared))
+    assert ex.fig.axes[0].get_xlabel() == "expert"  # a bar per expert, the chosen one red
+    draws = ex.draws
+    ex.role_w.value = "input"  # the experts' shared input quantizer: one per layer, drawn across layers
+    assert ex.draws == draws + 1 and ex.fig.axes[0].get_xlabel() == "layer" and ex.rows[0][0] == shared
+    bundle = ex._repr_mimebundle_()
+    assert base64.b64decode(bundle["image/png"]) == ex.png() and ex.png().startswith(b"\x89PNG")
+    assert "layer 4, routed w2" in bundle["text/plain"] and "application/vnd.jupyter.widget-view+json" in bundle
+    assert plt.get_fignums() == []
 
 
 def _outputs_text(nb) -> str:
@@ -211,7 +239,11 @@ def test_notebook_04_lists_each_anomaly_through_the_chain(injected, tmp_path):
     assert set(zip(csv["category"], csv["name"])) == _expected()
     assert "3 (from snapshot metadata)" in text  # hash-routed layers, and where that came from
     pngs = [o["data"]["image/png"] for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(pngs) == 4  # histograms, layer profile, token heat map, memory timeline
+    assert len(pngs) == 5  # histograms, layer profile, token heat map, memory timeline, the explorer's first view
+    explorer = [o for c in nb.cells if "ia.explorer(run)" in c.source for o in c.outputs]
+    assert len(explorer) == 1 and explorer[0]["data"]["image/png"] == pngs[-1]
+    assert "widgets" not in nb.metadata  # no saved widget state: nbconvert renders the PNG, not an empty widget view
+    assert "no export.json" in text  # no step 03 in this run: the export view says why it shows nothing
     assert "no memory.csv" not in text and "no second run given" in text
     html = (injected / "04_inspect_amax.html").read_text()
     assert all(p.strip()[:200] in html for p in pngs)  # every static figure is in the HTML copy

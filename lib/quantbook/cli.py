@@ -80,6 +80,13 @@ def cmd_runs(a) -> int:
     return 0
 
 
+def cmd_lab(a) -> int:
+    from .records.lab import open_run
+
+    open_run(a.run_dir, port=a.port, ip=a.ip, browser=a.browser)
+    return 0
+
+
 def cmd_verify(a) -> int:
     from .export.verify import exit_code, format_table, verify, write_result
 
@@ -182,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_runs)
+    p = sub.add_parser("lab", help="open a run's notebook 04 in JupyterLab (amax and export explorers); Ctrl-C stops")
+    p.add_argument("run_dir", help="the run directory, e.g. runs/tiny")
+    p.add_argument("--port", type=int, default=None, help="default: a free port")
+    p.add_argument("--ip", default="127.0.0.1", help="address to listen on (default 127.0.0.1: reach it by ssh -L)")
+    p.add_argument("--browser", action="store_true", help="also open the address in this machine's browser")
+    p.set_defaults(func=cmd_lab)
     p = sub.add_parser("verify", help="check an export: the V4 serving layout's checklist, numbers, verdict")
     p.add_argument("export")
     p.add_argument("--source", default=None, help="the release (FP8/FP4) the export was built from: byte checks")

@@ -190,6 +190,12 @@ def environment() -> dict:
     }
 
 
+def runs_this_python(exe: str) -> bool:
+    """Whether a kernelspec's argv[0] starts this interpreter: a bare `python` (jupyter_client puts
+    sys.executable there) or this very path (not resolved: a venv's bin/python is a symlink)."""
+    return exe in _PY_NAMES or os.path.abspath(exe) == os.path.abspath(sys.executable)
+
+
 def choose_kernel() -> str:
     """A Jupyter kernel that runs THIS interpreter (the venv with quantbook), by name.
 
@@ -207,7 +213,7 @@ def choose_kernel() -> str:
             continue
         exe = spec.argv[0] if spec.argv else ""
         seen.append(f"{name} -> {exe}")
-        if exe in _PY_NAMES or os.path.abspath(exe) == os.path.abspath(sys.executable):
+        if runs_this_python(exe):
             return name
     raise RunError(f"no Jupyter kernel runs {sys.executable} (found: {'; '.join(seen) or 'none'}); "
                        f"install one: {sys.executable} -m ipykernel install --sys-prefix --name quantbook")
@@ -476,7 +482,7 @@ def _run_step(pm, s: Step, values: dict, digest: str, run_dir: Path, manifest: d
            "params": values, "params_digest": digest, "status": "running", "start": _now(),
            "host": socket.gethostname(), "git_commit": manifest.get("git", {}).get("commit"), "kernel": kernel,
            "attempt": manifest["steps"].get(s.name, {}).get("attempt", 0) + 1,
-           "output": out_nb.name, "html": html.name}
+           "output": out_nb.name, "html": html.name, "cwd": os.getcwd()}
     manifest["steps"][s.name] = rec
     _save(run_dir, manifest)
     t0 = time.monotonic()
@@ -484,8 +490,10 @@ def _run_step(pm, s: Step, values: dict, digest: str, run_dir: Path, manifest: d
     bar = {"desc": f"{s.name}: {s.title}", "unit": "cell", "leave": True} if progress else False
     error = None
     try:
+        # no widget state saved: the HTML copy then shows an explorer's own image/png (its first view)
+        # where nbconvert would otherwise emit a widget view that renders only with CDN access
         pm.execute_notebook(str(s.path), str(running), parameters=values, kernel_name=kernel,
-                            log_output=log_output, progress_bar=bar, cwd=os.getcwd())
+                            log_output=log_output, progress_bar=bar, cwd=os.getcwd(), store_widget_state=False)
     except BaseException as e:  # noqa: BLE001 - recorded, then re-raised
         error = e
     rec["end"] = _now()

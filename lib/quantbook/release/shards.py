@@ -9,11 +9,13 @@ torch dtype per safetensors name) live here, beside the I/O that needs them.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 import struct
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,8 +71,26 @@ class ShardHeader:
     file_size: int
 
 
+@contextmanager
+def _gc_paused():
+    """No cyclic garbage collection inside: parsing a header allocates thousands of objects that all
+    stay alive, and the collector's passes over them cost more than the parse (3x on V4 Pro's 64 headers)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def read_header(path: str | Path) -> ShardHeader:
     """Parse and check one shard's header: sizes, offsets and dtypes, without reading data."""
+    with _gc_paused():
+        return _read_header(Path(path))
+
+
+def _read_header(path: Path) -> ShardHeader:
     path = Path(path)
     shard = path.name
     try:
