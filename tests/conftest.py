@@ -25,6 +25,16 @@ def tiny_src(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def pro_release(tmp_path_factory):
+    """V4 Pro's release as sparse files: the real shard layout, headers, index and config, data as
+    holes (805 GiB apparent, a few MiB on disk). Read-only."""
+    from quantbook.release.format import PRO_CONFIG
+    from quantbook.release.sparse import write_sparse_release
+
+    return write_sparse_release(PRO_CONFIG, tmp_path_factory.mktemp("sparse") / "DeepSeek-V4-Pro-FP8")
+
+
+@pytest.fixture(scope="session")
 def tiny_bf16(tiny_src, tmp_path_factory):
     """`tiny_src` dequantized to BF16 by step 01. Read-only."""
     from quantbook.release.convert import dequantize

@@ -27,9 +27,9 @@ def cmd_make_tiny(a) -> int:
 def cmd_make_sparse(a) -> int:
     from .release.sparse import allocated_bytes, write_sparse_release
 
-    out = write_sparse_release(named_config(a.like), a.out)
+    out = write_sparse_release(named_config(a.like), a.out, bf16=a.bf16)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    print(f"full-size release as sparse files written to {out}: {size / 2**30:,.1f} GiB apparent, "
+    print(f"full-size {'BF16 copy' if a.bf16 else 'release'} as sparse files written to {out}: {size / 2**30:,.1f} GiB apparent, "
           f"{allocated_bytes(out) / 2**20:,.1f} MiB on disk (data reads as zeros)")
     return 0
 
@@ -52,23 +52,48 @@ def cmd_dequant(a) -> int:
     return 0
 
 
+def cmd_preflight(a) -> int:
+    from .preflight import format_verdict, preflight
+
+    run_dir = Path(a.runs_dir) / a.run_id if a.run_id else None
+    v = preflight(a.params, steps=a.steps, run_dir=run_dir, runs_dir=a.runs_dir)
+    print(json.dumps(v.as_dict(), indent=2, default=str) if a.json else format_verdict(v))
+    return 0 if v.ok else 1
+
+
 def cmd_run(a) -> int:
     import logging
 
-    from .records.runs import run_chain
+    from .records.runs import rehearse, run_chain
 
     if not a.quiet:  # cell output streams to the terminal as well as to runs/<id>/run.log
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         logging.getLogger("papermill").setLevel(logging.INFO)
+    if a.rehearse and (a.steps or a.redo or a.no_rehearsal):
+        print("quantbook run: --rehearse runs the whole chain afresh; it takes no --steps, --redo or --no-rehearsal",
+              file=sys.stderr)
+        return 2
     try:
-        m = run_chain(a.params, steps=a.steps, run_id=a.run_id, runs_dir=a.runs_dir, notebooks_dir=a.notebooks,
-                      redo=a.redo, log_output=not a.quiet)
+        if a.rehearse:
+            m = rehearse(a.params, runs_dir=a.runs_dir, run_id=a.run_id, notebooks_dir=a.notebooks,
+                         calib_file=a.calib_file, log_output=not a.quiet)
+        else:
+            m = run_chain(a.params, steps=a.steps, run_id=a.run_id, runs_dir=a.runs_dir, notebooks_dir=a.notebooks,
+                          redo=a.redo, log_output=not a.quiet, no_rehearsal=a.no_rehearsal)
     except StepFailed as e:  # the chain ran and a step's notebook failed: a verdict, like verify's
         print(f"quantbook run: {e}", file=sys.stderr)
-        print(f"fix it and rerun: quantbook run {a.params} --run-id {Path(e.record['params']['run_dir']).name} "
-              "(completed steps are skipped)", file=sys.stderr)
+        if a.rehearse:
+            print(f"the rehearsal failed in minutes, not the real run in hours: fix it and rehearse again "
+                  f"(quantbook run {a.params} --rehearse)", file=sys.stderr)
+        else:
+            print(f"fix it and rerun: quantbook run {a.params} --run-id {Path(e.record['params']['run_dir']).name} "
+                  "(completed steps are skipped)", file=sys.stderr)
         return 1
-    print(f"run {m['run_id']}: {m['status']}; records in {Path(a.runs_dir) / m['run_id']}")
+    what = "rehearsal" if a.rehearse else "run"
+    print(f"{what} {m['run_id']}: {m['status']}; records in {Path(a.runs_dir) / m['run_id']}")
+    if a.rehearse and m["status"] == "complete":
+        print(f"the real run may start: quantbook run {a.params}" + (f" --run-id {a.run_id}" if a.run_id else "")
+              + f" (its manifest will name this rehearsal; params digest {m['rehearsal_of']['digest']})")
     return 0
 
 
@@ -164,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-sparse", help="a full-size release's exact shards and headers, data as holes (seconds)")
     p.add_argument("out")
     p.add_argument("--like", default="pro", help="pro, flash, or a config.json path (default: pro)")
+    p.add_argument("--bf16", action="store_true", help="the BF16 copy step 01 would write from it instead")
     p.set_defaults(func=cmd_make_sparse)
 
     p = sub.add_parser("dequant", help="FP8/FP4 release -> BF16 checkpoint (exact, resumable)")
@@ -183,7 +209,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--notebooks", default=None, help="directory of NN_name.ipynb step notebooks (default: the repo's)")
     p.add_argument("--quiet", action="store_true", help="do not stream cell output (it still goes to run.log)")
+    p.add_argument("--rehearse", action="store_true",
+                   help="run the whole chain on a tiny release built from the source's own config.json, same params "
+                        "otherwise, into runs/<id>-rehearsal (minutes; CPU when there is no GPU)")
+    p.add_argument("--no-rehearsal", action="store_true",
+                   help="start a full-size run without a passed rehearsal of the same params (recorded)")
+    p.add_argument("--calib-file", default="work/calib/english.jsonl",
+                   help="with --rehearse: the local calibration text that replaces hub datasets (default %(default)s)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("preflight", help="judge a run from headers and configs alone (seconds): release, settings, "
+                                         "versions, data, memory, disk, plan with projected times; exit 1 if refused")
+    p.add_argument("params", help="params YAML, e.g. params/v4_pro_b200.yaml")
+    p.add_argument("--steps", nargs="+", default=None, help="steps to judge: 01 02, 01-03, quantize (default: all)")
+    p.add_argument("--run-id", default=None, help="the run's directory name (default: the params name)")
+    p.add_argument("--runs-dir", default="runs", help="where runs and rehearsals are (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="the verdict as JSON")
+    p.set_defaults(func=cmd_preflight)
 
     p = sub.add_parser("runs", help="list runs and their status")
     p.add_argument("--runs-dir", default="runs")

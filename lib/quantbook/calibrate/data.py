@@ -204,6 +204,59 @@ def write_calib_jsonl(out: str | Path, source: str = "brotli", chunk_chars: int 
             "requirement": spec["requirement"], "license": spec["license"], "skipped": False}
 
 
+def count_samples(path: str | Path) -> int:
+    """Samples a JSONL calibration file holds: its non-empty lines, as modelopt's reader counts them."""
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def modelopt_datasets() -> tuple[dict[str, str], dict[str, list[str]]]:
+    """modelopt's dataset names -> hub repositories, and its combos -> member names, read from the
+    source of the installed `modelopt/torch/utils/dataset_utils.py` (importing modelopt.torch takes
+    ~10 s; the preflight has seconds). Empty when modelopt is not installed."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("modelopt")
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    files = [Path(r) / "torch" / "utils" / "dataset_utils.py" for r in roots]
+    files = [f for f in files if f.is_file()]
+    if not files:
+        return {}, {}
+    repos, combos = {}, {}
+    for node in ast.parse(files[0].read_text()).body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(node, ast.Assign)
+                                                                      else None)
+        if not isinstance(target, ast.Name) or not isinstance(node.value, ast.Dict):
+            continue
+        for k, v in zip(node.value.keys, node.value.values):
+            if not isinstance(k, ast.Constant):
+                continue
+            if target.id == "DATASET_COMBOS" and isinstance(v, ast.List):
+                combos[k.value] = [e.value for e in v.elts if isinstance(e, ast.Constant)]
+            elif target.id == "SUPPORTED_DATASET_CONFIG" and isinstance(v, ast.Dict):
+                for ck, cv in zip(v.keys, v.values):
+                    if isinstance(ck, ast.Constant) and ck.value == "config" and isinstance(cv, ast.Dict):
+                        for pk, pv in zip(cv.keys, cv.values):
+                            if isinstance(pk, ast.Constant) and pk.value == "path" and isinstance(pv, ast.Constant):
+                                repos[k.value] = pv.value
+    return repos, combos
+
+
+def hub_cache_dirs(name: str) -> list[tuple[str, Path]]:
+    """(hub repository, its folder in the local Hugging Face cache) for each dataset a name stands
+    for in modelopt (`cnn_dailymail` -> abisee/cnn_dailymail; a combo such as cnn_nemotron_v2_mix
+    -> its members), or for a hub repository named directly."""
+    from huggingface_hub import constants
+
+    repos, combos = modelopt_datasets()
+    out = []
+    for member in combos.get(name, [name]):
+        repo = repos.get(member, member)
+        out.append((repo, Path(constants.HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}"))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # what a run calibrated on
 

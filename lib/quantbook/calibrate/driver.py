@@ -19,6 +19,7 @@ from ..records.memory import MemorySampler
 from ..records.step import Phases, StepRecord
 from . import patches
 from .checks import check_quantize_settings
+from .resources import MemoryNeed, model_sizes, size
 from .settings import calib_plan
 from .state import versions
 
@@ -29,12 +30,30 @@ SUMMARY = ".quant_summary.txt"  # modelopt's quantizer list, kept beside the rec
 class Driver:
     """A way to calibrate. Subclasses set `name` and implement the three classmethods.
 
-    `loads_whole_model`: the resource check compares the whole model against host plus GPU
-    memory (True), or one decoder layer against one GPU (a streaming driver).
+    `loads_whole_model`: the driver holds the whole BF16 model (spread over GPUs, then host memory),
+    or one decoder layer at a time (a streaming driver); `memory_need` says what that costs, and
+    the resource checks (step 02's and the preflight's) place it on the machine. `needs_bf16_copy`:
+    the driver calibrates step 01's BF16 copy (False: it reads the release itself, and the plan
+    has no step 01).
     """
 
     name = ""
     loads_whole_model = True
+    needs_bf16_copy = True
+
+    @classmethod
+    def memory_need(cls, model_config: dict, s: dict, q: dict) -> MemoryNeed:
+        """What this driver holds at its peak in host and GPU memory for a model config (released
+        or BF16) and settings `s` (hf_ptq flag names), from the config alone.
+
+        The default: the whole BF16 model placed layer by layer over the GPUs then host memory
+        (modelopt, hf_ptq), or for a driver that does not load it whole, one layer on a GPU and
+        one in host memory. A driver with its own peak (activations, prefetch) overrides this."""
+        sizes = model_sizes(model_config)
+        if cls.loads_whole_model:
+            return MemoryNeed(f"the whole BF16 model ({sizes['layers']} layers, {size(sizes['total'])})",
+                              model=sizes["total"], unit=sizes["largest"])
+        return MemoryNeed(f"one layer at a time ({size(sizes['largest'])})", unit=sizes["largest"], host=sizes["largest"])
 
     @classmethod
     def settings(cls, q: dict) -> dict:

@@ -23,6 +23,25 @@ from ..errors import QuantizeError
 from . import patches, state
 from .settings import calib_plan, modelopt_settings, normalize
 
+# transformers releases calibration is tested with (constraints.txt pins it; README "Versions":
+# 5.14-5.17's DeepseekV4 cannot run a BF16 forward)
+TESTED_TRANSFORMERS = ("5.23.0",)
+
+
+def transformers_v4() -> tuple[str | None, bool]:
+    """(installed transformers version, whether it has the deepseek_v4 model), without importing it."""
+    import importlib.metadata as md
+    import importlib.util
+
+    try:
+        version = md.version("transformers")
+    except md.PackageNotFoundError:
+        return None, False
+    spec = importlib.util.find_spec("transformers")
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    return version, any((Path(r) / "models" / "deepseek_v4" / "modeling_deepseek_v4.py").is_file() for r in roots)
+
+
 # ---------------------------------------------------------------------------------------------
 # model, tokenizer, data, quantization config
 

@@ -14,21 +14,12 @@ from .. import amax
 from . import patches, state
 from .data import coverage
 from .driver import RESULT, SUMMARY
+from .resources import size
 from .settings import calib_plan
 
 FLAGS = ("qformat", "kv_cache_qformat", "recipe", "use_seq_device_map", "gpu_max_mem_percentage",
          "inference_tensor_parallel", "skip_generate")
 RUN_FLAGS = ("layerwise", "layerwise_save_every", "save_full_state", "force")
-
-
-def size(n: int | float | None) -> str:
-    """Bytes as the largest binary unit that keeps a number >= 1 (`1.50 GiB`)."""
-    if n is None:
-        return ""
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:,.2f} {unit}"
-    return f"{int(n)} B"
 
 
 def _table(rows: list[tuple], columns: list[str], index: str | None = None) -> pd.DataFrame:

@@ -1,56 +1,142 @@
-"""What a calibration run needs against what the machine has, from shard headers alone.
+"""What a calibration run needs against what the machine has, from configs and shard headers alone.
 
-Memory for the model (host plus GPUs at `gpu_max_mem_percentage`), disk for the export, the
-calibrated state and a layerwise checkpoint, filesystems counted once. Both drivers refuse a run
-that cannot fit before anything loads (`quantize.force: true` runs it anyway, loudly).
+Memory for the model, as the driver says it holds it (`Driver.memory_need`: the whole BF16 model
+spread over the GPUs at `gpu_max_mem_percentage` then host memory, or one layer at a time), disk
+for the export, the calibrated state and a layerwise checkpoint, filesystems counted once. Every
+driver refuses a run that cannot fit before anything loads (`quantize.force: true` runs it anyway,
+loudly); the preflight (`quantbook preflight`) makes the same memory check from the configs alone,
+before the BF16 copy exists.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import atomic
 from ..errors import QuantizeError
-from ..release.format import component
+from ..release.format import bf16_groups, component
 from ..release.resume import filesystem, free_disk
 from ..release.shards import read_header
+from . import registry
 from .settings import HF_PTQ_DEFAULTS, calib_plan
 
 
-def estimate_resources(q: dict, run_dir: str | Path) -> dict:
-    """What the run needs against what the machine has: model bytes in memory, export, state and
-    layerwise checkpoint on disk. From the shard headers only (seconds, no weights read).
+def size(n: int | float | None) -> str:
+    """Bytes as the largest binary unit that keeps a number >= 1 (`1.50 GiB`)."""
+    if n is None:
+        return ""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{int(n)} B"
 
-    Export estimate: quantized weights at 4.5 bits (E2M1 + one E4M3 scale per 16) for routed
-    experts (`nvfp4_experts_only`) or every linear but embedding, head and routers (`nvfp4`);
-    every other tensor as in the source. Layerwise: modelopt keeps the next layer's inputs of
-    EVERY layer on disk (samples x seq x hidden x hc_mult in BF16 each).
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """What a driver holds at its peak, in bytes, from the model's config and the settings.
+
+    `model` is placed over the GPUs in use, whole `unit`s at a time (accelerate never splits a
+    decoder layer across devices), each GPU filled up to `gpu_max_mem_percentage` of its free
+    memory less `gpu`, the rest in host memory (or `offload_folder`); `host` comes on top in host
+    memory, `gpu` on each GPU in use (activations, calibration batches). A whole-model driver:
+    `model` is the BF16 model. A streaming one: `model` 0, a GPU must hold `unit` (one layer) plus
+    `gpu`, and the host `host`.
     """
+
+    what: str
+    model: int = 0
+    unit: int = 0
+    host: int = 0
+    gpu: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_sizes(config: dict) -> dict:
+    """The BF16 model a config implies, from the tensor table alone: total bytes, the largest shard
+    group (a decoder layer: what one device must hold whole) and the number of decoder layers."""
+    groups = [sum(t.nbytes for t in g) for g in bf16_groups(config)]
+    return {"total": sum(groups), "largest": max(groups), "layers": config["num_hidden_layers"]}
+
+
+def check_memory(need: MemoryNeed, device: str, pct: float, host_available: int, gpus: list[dict],
+                 offload_folder: str | None = None) -> dict:
+    """Place `need` on this machine: how many units each GPU takes, what is left for host memory,
+    and what does not fit ("problems", each naming the memory and the sizes)."""
+    gib = lambda n: f"{n / 2**30:,.2f} GiB"  # noqa: E731
+    problems, placed = [], []
+    if device == "cpu":
+        host_need = need.model + need.host
+    else:
+        if not gpus:
+            problems.append(f"memory: device {device!r} but no GPU is visible")
+        for g in gpus:
+            room = g["free"] * pct - need.gpu
+            units = int(room // need.unit) if need.unit and room > 0 else 0
+            placed.append({"gpu": g["gpu"], "room": int(max(room, 0)), "units": units})
+        capacity = sum(p["units"] for p in placed) * need.unit
+        if gpus and need.unit and not any(p["units"] for p in placed):
+            best = max(g["free"] for g in gpus)
+            problems.append(f"memory: no GPU holds one {gib(need.unit)} layer plus {gib(need.gpu)} of activations "
+                            f"at gpu_max_mem_percentage {pct} (the most free on one GPU: {gib(best)})")
+        host_need = max(need.model - capacity, 0) + need.host
+    if host_need > host_available:
+        if offload_folder and device != "cpu":
+            pass  # what the GPUs cannot hold goes to the offload folder
+        else:
+            problems.append(f"memory: {need.what}: {gib(host_need)} for host memory after the GPUs take their "
+                            f"share; {gib(host_available)} available")
+    return {"need": need.as_dict(), "host_need": host_need, "host_available": host_available, "placed": placed,
+            "problems": problems}
+
+
+def export_bytes(tensors, s: dict) -> int:
+    """modelopt's generic export of the BF16 `tensors` ((name, shape, nbytes) each) with settings `s`.
+
+    Quantized weights at 4.5 bits (E2M1 + one E4M3 scale per 16) for routed experts
+    (`nvfp4_experts_only`) or every linear but embedding, head and routers (`nvfp4`); every other
+    tensor as in the source."""
+    every_linear = "experts_only" not in str(s.get("qformat")) and not s.get("recipe")
+    total = 0
+    for name, shape, nbytes in tensors:
+        part = component(name)
+        routed = part == "routed_expert" and name.endswith(".weight")
+        linear = len(shape) == 2 and name.endswith(".weight") and part not in ("embed", "head", "router", "norm")
+        quantized = not name.startswith("mtp.") and (routed or (every_linear and linear))
+        total += int(math.prod(shape) * 0.5625) + 8 if quantized else nbytes
+    return total
+
+
+def run_dir_bytes(cfg: dict, s: dict, q: dict, model_bytes: int) -> tuple[int, int]:
+    """(calibrated state, layerwise checkpoint) bytes in the run directory. Layerwise: modelopt keeps
+    the next layer's inputs of EVERY layer on disk (samples x seq x hidden x hc_mult in BF16 each)."""
+    layerwise = 0
+    if q["layerwise"]:
+        act = sum(calib_plan(s)[1]) * int(s["calib_seq"]) * cfg.get("hidden_size", 0) * cfg.get("hc_mult", 1) * 2
+        layerwise = int(act * cfg.get("num_hidden_layers", 0) * 1.25)
+    return (model_bytes if q["save_full_state"] else 0) + 64 * 2**20, layerwise
+
+
+def estimate_resources(q: dict, run_dir: str | Path) -> dict:
+    """What the run needs against what the machine has: memory as the driver holds the model
+    (`Driver.memory_need`), export, state and layerwise checkpoint on disk. From the config and the
+    shard headers only (seconds, no weights read)."""
     import psutil
 
     s = {**HF_PTQ_DEFAULTS, **q["hf_ptq"]}
     src = Path(s["pyt_ckpt_path"])
     cfg = atomic.read_json(src / "config.json") or {}
-    every_linear = "experts_only" not in str(s.get("qformat")) and not s.get("recipe")
-    model_bytes = export_bytes = 0
-    for shard in sorted(src.glob("*.safetensors")):
-        for name, e in read_header(shard).tensors.items():
-            model_bytes += e.nbytes
-            numel = math.prod(e.shape)
-            part = component(name)
-            routed = part == "routed_expert" and name.endswith(".weight")
-            linear = len(e.shape) == 2 and name.endswith(".weight") and part not in ("embed", "head", "router", "norm")
-            quantized = not name.startswith("mtp.") and (routed or (every_linear and linear))
-            export_bytes += int(numel * 0.5625) + 8 if quantized else e.nbytes
-    samples = sum(calib_plan(s)[1])
-    layers = cfg.get("num_hidden_layers", 0)
-    act = samples * int(s["calib_seq"]) * cfg.get("hidden_size", 0) * cfg.get("hc_mult", 1) * 2
-    layerwise_bytes = int(act * layers * 1.25) if q["layerwise"] else 0
-    state_bytes = (model_bytes if q["save_full_state"] else 0) + 64 * 2**20
+    tensors = [(name, e.shape, e.nbytes) for shard in sorted(src.glob("*.safetensors"))
+               for name, e in read_header(shard).tensors.items()]
+    model_bytes = sum(n for _, _, n in tensors)
+    export = export_bytes(tensors, s)
+    state_bytes, layerwise_bytes = run_dir_bytes(cfg, s, q, model_bytes)
     export_dir = Path(s["export_path"])
-    disk = {"export": {"path": str(export_dir), "need": int(export_bytes * 1.05), "free": free_disk(export_dir)},
+    disk = {"export": {"path": str(export_dir), "need": int(export * 1.05), "free": free_disk(export_dir)},
             "run_dir": {"path": str(run_dir), "need": state_bytes + layerwise_bytes, "free": free_disk(Path(run_dir))}}
     host = psutil.virtual_memory().available
     gpus = []
@@ -60,22 +146,21 @@ def estimate_resources(q: dict, run_dir: str | Path) -> dict:
         for i in range(torch.cuda.device_count()):
             free, total = torch.cuda.mem_get_info(i)
             gpus.append({"gpu": i, "free": free, "total": total})
-    budget = host + sum(g["free"] * s["gpu_max_mem_percentage"] for g in gpus)
+    need = registry.get(q["driver"]).memory_need(cfg, s, q)
+    memory = check_memory(need, s["device"], s["gpu_max_mem_percentage"], host, gpus, s.get("offload_folder"))
     by_fs: dict[int, list[str]] = {}
     for k, v in disk.items():
         by_fs.setdefault(filesystem(Path(v["path"])), []).append(k)
     problems = []
     for keys in by_fs.values():
-        need, free = sum(disk[k]["need"] for k in keys), disk[keys[0]]["free"]
-        if need > free:
-            problems.append(f"disk for {' + '.join(keys)}: needs ~{need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB "
+        wanted, free = sum(disk[k]["need"] for k in keys), disk[keys[0]]["free"]
+        if wanted > free:
+            problems.append(f"disk for {' + '.join(keys)}: needs ~{wanted / 2**30:.2f} GiB, {free / 2**30:.2f} GiB "
                             f"free at {disk[keys[0]]['path']}")
-    if model_bytes > budget and not s.get("offload_folder"):  # accelerate could not place it either
-        problems.append(f"memory: the model is {model_bytes / 2**30:.2f} GiB; GPUs (at gpu_max_mem_percentage) "
-                        f"plus available host memory give {budget / 2**30:.2f} GiB")
-    return {"model_bytes": model_bytes, "export_bytes": export_bytes, "state_bytes": state_bytes,
+    problems += memory["problems"]
+    return {"model_bytes": model_bytes, "export_bytes": export, "state_bytes": state_bytes,
             "layerwise_bytes": layerwise_bytes, "disk": disk, "host_available": host, "gpus": gpus,
-            "problems": problems}
+            "memory": memory, "problems": problems}
 
 
 def check_resources(q: dict, run_dir: str | Path) -> dict:

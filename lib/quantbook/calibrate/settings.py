@@ -115,3 +115,9 @@ def calib_plan(s: dict) -> tuple[list[str], list[int]]:
     """Datasets and samples per dataset exactly as hf_ptq draws them."""
     pairs = calib_samples(s)
     return [d for d, _ in pairs], [n for _, n in pairs]
+
+
+def writes_generic_export(q: dict) -> bool:
+    """Whether step 02 writes modelopt's generic export at `hf_ptq.export_path` (today every driver
+    does; a `quantize.export_generic: false` setting turns it off where a driver supports that)."""
+    return q.get("export_generic", True) is not False

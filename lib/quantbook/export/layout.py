@@ -41,7 +41,7 @@ from ..amax import amax_problem, load_snapshot, parse_quantizer, split_key
 from ..errors import LayoutError
 from ..release import resume
 from ..release.dequant import dequant_fp4
-from ..release.format import FP4_GROUP, expert_name, expert_prefix
+from ..release.format import FP4_GROUP, dequant_shape, expert_name, expert_prefix, shard_groups, shard_name
 from ..release.resume import Job, run_shards
 from ..release.shards import DTYPE_SIZE, HASH, INDEX_NAME, Checkpoint, ShardWriter, file_digest, torch_dtype
 
@@ -332,6 +332,23 @@ def expert_entries(prefix: str, shape: tuple[int, int]) -> list:
             (f"{prefix}.weight_scale", "F8_E4M3", (out, inp // GROUP)),
             (f"{prefix}.weight_scale_2", "F32", ()),
             (f"{prefix}.input_scale", "F32", ())]
+
+
+def shard_bytes(config: dict) -> dict[str, int]:
+    """Each output shard's size from the release's config alone (what `plan` plans, without amax
+    or headers): the preflight's disk check for step 03."""
+    groups = shard_groups(config)
+    out = {}
+    for i, group in enumerate(groups, start=1):
+        n = 0
+        for spec in group:
+            x = _released_main_expert(spec.name)
+            if x is None:
+                n += spec.nbytes
+            elif x.tensor == "weight":
+                n += sum(math.prod(shape) * DTYPE_SIZE[d] for _, d, shape in expert_entries(x.prefix, dequant_shape(spec)))
+        out[shard_name(i, len(groups))] = n
+    return out
 
 
 def plan(src: str | Path, dst: str | Path, amax, cast_mxfp4_to_nvfp4: bool = False) -> LayoutPlan:

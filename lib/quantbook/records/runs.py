@@ -28,6 +28,8 @@ from pathlib import Path
 from ..atomic import read_json, write_json, write_text
 from ..errors import ParamsError, RunError, StepFailed
 from ..params import load_params
+from . import rehearsal
+from .rehearsal import default_notebooks_dir
 
 log = logging.getLogger("quantbook.runs")
 
@@ -55,12 +57,6 @@ class Step:
     @property
     def title(self) -> str:
         return TITLES.get(self.key, self.name)
-
-
-def default_notebooks_dir() -> Path:
-    """The repository's notebooks/ (the package lives in <repo>/lib/quantbook)."""
-    here = Path(__file__).resolve().parents[2] / "notebooks"
-    return here if here.is_dir() else Path.cwd() / "notebooks"
 
 
 def discover_steps(notebooks_dir: str | Path | None = None) -> list[Step]:
@@ -228,8 +224,8 @@ def load_manifest(run_dir: str | Path) -> dict | None:
     return read_json(Path(run_dir) / MANIFEST)
 
 
-_ORDER = ("run_id", "status", "created", "updated", "params_file", "host", "gpus", "versions", "git", "steps",
-          "invocations", "params")
+_ORDER = ("run_id", "status", "created", "updated", "params_file", "rehearsal", "rehearsal_of", "host", "gpus",
+          "versions", "git", "steps", "invocations", "params")
 
 
 def _save(run_dir: Path, manifest: dict) -> None:
@@ -378,14 +374,17 @@ def _drop_log(h: logging.Handler) -> None:
 
 def run_chain(params_path: str | Path, steps=None, run_id: str | None = None, runs_dir: str | Path = "runs",
               notebooks_dir: str | Path | None = None, redo=None, log_output: bool = True,
-              progress: bool = True, echo=print) -> dict:
+              progress: bool = True, echo=print, no_rehearsal: bool = False, rehearsal_of: dict | None = None) -> dict:
     """Run the selected steps' notebooks into `runs_dir/run_id/`, skipping steps already complete.
 
     A step completed by an earlier invocation with the same parameters is skipped unless named in
     `redo`; once any step runs, every later selected step runs too (it may depend on the new
     outputs). A completed step whose parameters changed is refused (name it in `redo`). All
     steps' parameters are checked against their notebooks' `parameters` cells before anything
-    runs. Raises StepFailed at the first failure; returns the manifest.
+    runs. A run of steps 01-03 starts only after a rehearsal of the same params passed
+    (`rehearsal.gate`; `no_rehearsal` starts anyway and records it); `rehearsal_of` is the record
+    of the run a rehearsal stands for (`rehearse`). Raises StepFailed at the first failure;
+    returns the manifest.
     """
     import papermill as pm
 
@@ -414,6 +413,12 @@ def run_chain(params_path: str | Path, steps=None, run_id: str | None = None, ru
             raise ParamsError(f"{params['_path']}: section {s.section!r} has key(s) {unknown} that notebook "
                               f"{s.path} does not take; it takes: {sorted(declared - {'run_dir'})}")
         plan.append((s, values))
+    if rehearsal_of is None and any(s.key in ("01", "02", "03") for s in chosen):
+        gate = rehearsal.gate(params, runs_dir, no_rehearsal, notebooks_dir)
+        if gate.get("skipped"):
+            echo(f"WARNING: {gate['skipped']} (params digest {gate['digest']})")
+    else:
+        gate = None
     kernel = choose_kernel()
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -427,6 +432,10 @@ def run_chain(params_path: str | Path, steps=None, run_id: str | None = None, ru
         env = environment()
         manifest.update(params_file=str(Path(params["_path"]).resolve()),
                         params={k: v for k, v in params.items() if k != "_path"}, **env)
+        if rehearsal_of is not None:
+            manifest["rehearsal_of"] = rehearsal_of
+        elif gate is not None:
+            manifest["rehearsal"] = gate
         manifest["invocations"].append({"started": _now(), "argv": sys.argv, "steps": [s.name for s in chosen],
                                         "host": env["host"]["name"], "git": env["git"]["commit"]})
         manifest["status"] = "running"
@@ -519,6 +528,39 @@ def _run_step(pm, s: Step, values: dict, digest: str, run_dir: Path, manifest: d
     msg = _describe_failure(s, info, error, out_nb, html if rec["html"] else None)
     log.error(msg)
     raise StepFailed(msg, rec) from error
+
+
+def rehearse(params_path: str | Path, runs_dir: str | Path = "runs", run_id: str | None = None,
+             notebooks_dir: str | Path | None = None, calib_file: str | Path = rehearsal.DEFAULT_CALIB,
+             log_output: bool = True, progress: bool = True, echo=print, cuda: bool | None = None) -> dict:
+    """`quantbook run PARAMS --rehearse`: the whole chain of `params_path` on a tiny copy of its own
+    release, into `<runs_dir>/<run id>-rehearsal` (fresh each time); returns its manifest.
+
+    First the real params' own checks that do not depend on this machine (the release's headers,
+    every setting, versions: `preflight`); then `rehearsal.prepare` (the tiny release, the params
+    with what cannot run here changed, each change with its reason); then `run_chain`, whose
+    manifest records what it rehearsed ("rehearsal_of": params file, digest, changes)."""
+    from ..preflight import preflight
+
+    params = load_params(params_path)
+    verdict = preflight(params, run_dir=Path(runs_dir) / (run_id or params["name"]))
+    own = [c for c in verdict.refusals if c["area"] in ("release", "settings", "params", "model", "versions")]
+    if own:
+        raise RunError(f"{params['_path']}: refused before rehearsing (the params' own checks):\n  - " + "\n  - ".join(
+            f"step {c['step']} {c['area']}: {c['item']}: {c['detail']}" for c in own))
+    rd = Path(runs_dir) / f"{run_id or params['name']}{rehearsal.SUFFIX}"
+    if _locked(rd):
+        raise RunError(f"run directory {rd} is in use by another `quantbook run`")
+    rehearsal.clear(rd)
+    params_file, record = rehearsal.prepare(params, rd, calib_file=calib_file, cuda=cuda, notebooks_dir=notebooks_dir)
+    echo(f"rehearsal of {params['_path']} (params digest {record['digest']}) in {rd}:")
+    echo(f"  a tiny release from {record['release']}/config.json: {record['tiny']['layers']} layers, every key kept")
+    for c in record["changes"]:
+        echo(f"  {c['key']}: {c['from']} -> {c['to']} ({c['why']})")
+    if record["device"] == "cpu":
+        echo("  running on CPU: this machine has no CUDA GPU")
+    return run_chain(params_file, run_id=rd.name, runs_dir=runs_dir, notebooks_dir=notebooks_dir,
+                     log_output=log_output, progress=progress, echo=echo, rehearsal_of=record)
 
 
 # -- listing -----------------------------------------------------------------------------------

@@ -78,6 +78,7 @@ class Plan:
     shards: list[ShardPlan]
     extra_files: list[str]
     accounting: dict = field(default_factory=dict)
+    headers: dict = field(default_factory=dict)  # shard name -> ShardHeader, as validated
 
     @property
     def bytes_in(self) -> int:
@@ -197,16 +198,25 @@ def plan(src: str | Path, dst: str | Path) -> Plan:
     extra = sorted(p.name for p in src.iterdir()
                    if p.is_file() and not p.name.startswith(".") and p.suffix != ".safetensors"
                    and p.name not in (INDEX_NAME, "config.json"))
-    return Plan(src, dst, config, source_identity(src, index, headers), shards, extra, acct)
+    return Plan(src, dst, config, source_identity(src, index, headers), shards, extra, acct, headers)
+
+
+def _foreign(p: Plan):
+    def foreign(manifest):
+        if manifest.get("source_id") != p.source_id:
+            return f"a run of another source ({manifest.get('source')})"
+    return foreign
 
 
 def check_destination(p: Plan) -> None:
     """Refuse a destination that is the source, inside it, foreign, or too small."""
-    def foreign(manifest):
-        if manifest.get("source_id") != p.source_id:
-            return f"a run of another source ({manifest.get('source')})"
+    resume.check_destination(p.src, p.dst, MANIFEST, p.shards, _foreign(p))
 
-    resume.check_destination(p.src, p.dst, MANIFEST, p.shards, foreign)
+
+def bytes_to_write(p: Plan) -> int:
+    """Bytes of the BF16 copy still to write (shards an earlier run finished not counted), after
+    refusing what `check_destination` refuses except a full disk (the preflight sums the disk)."""
+    return resume.bytes_to_write(resume.check_owner(p.src, p.dst, MANIFEST, _foreign(p)), p.shards)
 
 
 def _read_tensor_rows(path: Path, entry: TensorEntry, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:

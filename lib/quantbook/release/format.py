@@ -10,6 +10,7 @@ checkout (`deepseek-v4-format.md`, `reference/deepseek-v4/tensor-patterns.md`).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -156,7 +157,13 @@ def _head(prefix: str, c: dict) -> list[TensorSpec]:
 
 def shard_groups(config: dict) -> list[list[TensorSpec]]:
     """The released shard grouping: embed, one shard per layer, head and norm, then MTP."""
-    c = config
+    return [list(g) for g in _shard_groups(json.dumps(config, sort_keys=True))]
+
+
+@functools.lru_cache(maxsize=8)
+def _shard_groups(config_json: str) -> tuple[tuple[TensorSpec, ...], ...]:
+    """`shard_groups` of one config, computed once (V4 Pro's table: 145,116 specs, ~0.3 s)."""
+    c = json.loads(config_json)
     layers = c["num_hidden_layers"]
     ratios = c["compress_ratios"]
     if len(ratios) != layers + c.get("num_nextn_predict_layers", 0):
@@ -180,7 +187,22 @@ def shard_groups(config: dict) -> list[list[TensorSpec]]:
         for norm in ("enorm", "hnorm", "norm"):
             mtp.append(TensorSpec(f"{p}.{norm}.weight", "BF16", (H,), PLAIN))
         groups.append(mtp + _head(f"{p}.", c))
-    return groups
+    return tuple(tuple(g) for g in groups)
+
+
+def bf16_tensor(spec: TensorSpec) -> TensorSpec | None:
+    """What step 01 writes for a released tensor: a quantized weight as BF16 at its logical shape, a
+    scale nothing (consumed), anything else unchanged."""
+    if spec.kind == SCALE:
+        return None
+    if spec.kind in (FP8_WEIGHT, FP4_WEIGHT):
+        return TensorSpec(spec.name, "BF16", dequant_shape(spec), PLAIN)
+    return spec
+
+
+def bf16_groups(config: dict) -> list[list[TensorSpec]]:
+    """The BF16 copy's shards (step 01's output), grouped as the release's: sizes from config alone."""
+    return [[t for t in map(bf16_tensor, g) if t is not None] for g in shard_groups(config)]
 
 
 def expected_tensors(config: dict) -> dict[str, TensorSpec]:

@@ -45,14 +45,14 @@ def filesystem(path: Path) -> int:
     return os.stat(existing_parent(path)).st_dev
 
 
-def check_destination(src: Path, dst: Path, manifest_name: str, jobs: list, foreign: Callable[[dict], str | None],
-                      what: str = "destination") -> None:
-    """Refuse a destination that overlaps the source, holds something else, or lacks disk space.
+def check_owner(src: Path, dst: Path, manifest_name: str, foreign: Callable[[dict], str | None],
+                what: str = "destination") -> dict | None:
+    """Refuse a destination that overlaps the source or holds something other than an earlier run of
+    this job; returns that run's manifest (None for a new or empty destination).
 
-    A non-empty destination must hold `manifest_name` from an earlier run of the same job:
-    `foreign(manifest)` says what else it holds (None when it is the same job). `jobs` have
-    `name` and `bytes_out`; shards the manifest records are not counted against free disk.
-    """
+    A non-empty destination must hold `manifest_name`: `foreign(manifest)` says what else it holds
+    (None when it is the same job)."""
+    src, dst = Path(src).resolve(), Path(dst).resolve()
     if dst == src or src in dst.parents or dst in src.parents:
         raise DestinationError(f"{what} {dst} is the source, inside it or around it; choose a directory apart from {src}")
     manifest = atomic.read_json(dst / manifest_name)
@@ -63,8 +63,23 @@ def check_destination(src: Path, dst: Path, manifest_name: str, jobs: list, fore
         why = foreign(manifest)
         if why:
             raise DestinationError(f"{what} {dst} holds {why}; use an empty directory")
+    return manifest
+
+
+def bytes_to_write(manifest: dict | None, jobs: list) -> int:
+    """Bytes of the `jobs` (with `name` and `bytes_out`) that the manifest does not record as done."""
     done = (manifest or {}).get("shards", {})
-    needed = sum(j.bytes_out for j in jobs if j.name not in done)
+    return sum(j.bytes_out for j in jobs if j.name not in done)
+
+
+def check_destination(src: Path, dst: Path, manifest_name: str, jobs: list, foreign: Callable[[dict], str | None],
+                      what: str = "destination") -> None:
+    """Refuse a destination that overlaps the source, holds something else, or lacks disk space.
+
+    `check_owner`, then the disk: `jobs` have `name` and `bytes_out`; shards the manifest records
+    are not counted against free disk.
+    """
+    needed = bytes_to_write(check_owner(src, dst, manifest_name, foreign, what), jobs)
     free = free_disk(dst)
     if free < needed:
         raise DestinationError(f"{what} {dst}: {needed / 2**30:.2f} GiB still to write, {free / 2**30:.2f} GiB free")

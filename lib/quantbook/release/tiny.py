@@ -154,6 +154,12 @@ def make_tiny(out: str | Path, like: str | Path = FLASH_CONFIG, seed: int = 0, l
     return out
 
 
+def section_config(spec: dict) -> dict:
+    """The config of the tiny release a params `tiny:` section ({like, seed, layers, experts}) builds."""
+    return tiny_config(load_config(named_config(spec.get("like", "flash"))), layers=spec.get("layers", 4),
+                       experts=spec.get("experts"))
+
+
 def build_if_missing(source: str | Path, spec: dict | None) -> bool:
     """Build the tiny release at `source` from a params `tiny:` section ({like, seed, layers,
     experts}) when `source` does not exist; True when it was built."""

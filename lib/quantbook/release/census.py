@@ -1,0 +1,50 @@
+"""Every tensor of a release classified and counted against what its config implies.
+
+After `convert.plan` has validated every header (names, dtypes, shapes, pairs), the census groups
+the tensors by what they are (`format.component`), where they live (main layers, MTP, top level),
+their storage kind (FP8 / FP4 weight, scale, plain) and dtype, and sets each count beside the
+count the config's tensor table implies. The preflight shows it; at V4 Pro scale it is 145,116
+tensors in seconds, from headers only.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .format import component, expected_tensors, split_block
+
+COLUMNS = ("part", "block", "kind", "dtype", "tensors", "expected", "bytes")
+
+
+def _key(name: str, kind: str, dtype: str) -> tuple:
+    block = split_block(name)[0] or "top"
+    return component(name), block, kind, dtype
+
+
+def census(config: dict, headers: dict | None = None) -> list[dict]:
+    """Rows of `COLUMNS`, one per (part, block, kind, dtype): tensors found in `headers` (shard name
+    -> ShardHeader, as `convert.plan` read them) and tensors the config implies. Without headers
+    (a release still to be built) the found counts are None."""
+    expected = expected_tensors(config)
+    want, have, nbytes = Counter(), Counter(), Counter()
+    for spec in expected.values():
+        k = _key(spec.name, spec.kind, spec.dtype)
+        want[k] += 1
+        if headers is None:
+            nbytes[k] += spec.nbytes
+    for hd in (headers or {}).values():
+        for name, e in hd.tensors.items():
+            spec = expected.get(name)
+            k = _key(name, spec.kind if spec else "unknown", e.dtype)
+            have[k] += 1
+            nbytes[k] += e.nbytes
+    rows = []
+    for k in sorted(set(want) | set(have)):
+        rows.append(dict(zip(COLUMNS, (*k, have[k] if headers is not None else None, want[k], nbytes[k]))))
+    return rows
+
+
+def mismatches(rows: list[dict]) -> list[dict]:
+    """The census rows whose found count differs from the config's (none for a release that passed
+    `convert.plan`)."""
+    return [r for r in rows if r["tensors"] is not None and r["tensors"] != r["expected"]]
