@@ -1,7 +1,8 @@
 """What a calibration run needs against what the machine has, from shard headers alone.
 
-Memory for the model (host plus GPUs at `gpu_max_mem_percentage`), disk for the export, the
-calibrated state and a layerwise checkpoint, filesystems counted once. Both drivers refuse a run
+Memory for the model (host plus GPUs at `gpu_max_mem_percentage`), disk for the generic export
+(only with `export_generic: true`), the calibrated state and a layerwise checkpoint, filesystems
+counted once. Both drivers refuse a run
 that cannot fit before anything loads (`quantize.force: true` runs it anyway, loudly).
 """
 
@@ -23,7 +24,8 @@ def estimate_resources(q: dict, run_dir: str | Path) -> dict:
     """What the run needs against what the machine has: model bytes in memory, export, state and
     layerwise checkpoint on disk. From the shard headers only (seconds, no weights read).
 
-    Export estimate: quantized weights at 4.5 bits (E2M1 + one E4M3 scale per 16) for routed
+    Export estimate (0 without `export_generic`): quantized weights at 4.5 bits (E2M1 + one E4M3
+    scale per 16) for routed
     experts (`nvfp4_experts_only`) or every linear but embedding, head and routers (`nvfp4`);
     every other tensor as in the source. Layerwise: modelopt keeps the next layer's inputs of
     EVERY layer on disk (samples x seq x hidden x hc_mult in BF16 each).
@@ -49,9 +51,13 @@ def estimate_resources(q: dict, run_dir: str | Path) -> dict:
     act = samples * int(s["calib_seq"]) * cfg.get("hidden_size", 0) * cfg.get("hc_mult", 1) * 2
     layerwise_bytes = int(act * layers * 1.25) if q["layerwise"] else 0
     state_bytes = (model_bytes if q["save_full_state"] else 0) + 64 * 2**20
-    export_dir = Path(s["export_path"])
-    disk = {"export": {"path": str(export_dir), "need": int(export_bytes * 1.05), "free": free_disk(export_dir)},
-            "run_dir": {"path": str(run_dir), "need": state_bytes + layerwise_bytes, "free": free_disk(Path(run_dir))}}
+    disk = {}
+    if q.get("export_generic", False):
+        export_dir = Path(s["export_path"])
+        disk["export"] = {"path": str(export_dir), "need": int(export_bytes * 1.05), "free": free_disk(export_dir)}
+    else:
+        export_bytes = 0  # not written
+    disk["run_dir"] = {"path": str(run_dir), "need": state_bytes + layerwise_bytes, "free": free_disk(Path(run_dir))}
     host = psutil.virtual_memory().available
     gpus = []
     if s["device"] != "cpu":

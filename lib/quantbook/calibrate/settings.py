@@ -21,6 +21,7 @@ QUANTIZE_DEFAULTS = {
     "layerwise": False,
     "layerwise_save_every": 1,
     "save_full_state": False,
+    "export_generic": False,  # modelopt's generic export (not servable for V4; step 03 does not read it)
     "hf_ptq": {},
 }
 
