@@ -533,9 +533,10 @@ def check_numbers(ck: Checkpoint, cfg: dict, ref: Checkpoint | None, src: Checkp
 def check_engines(ck: Checkpoint, cfg: dict, form: str | None) -> Check:
     """Check 9: what vLLM 0.33 builds each block's routed experts as (export.engines), against what is stored."""
     c = Check("9", "engines: vLLM 0.33 builds the routed experts as stored (NVFP4), MTP's included")
-    build, why = vllm_expert_form(cfg, "layers.0.ffn.experts")
-    if build != "nvfp4":
-        c.fail(f"main layers' experts are stored NVFP4, but vLLM 0.33 builds them {build}: {why}")
+    for i in range(cfg["num_hidden_layers"]):
+        build, why = vllm_expert_form(cfg, f"layers.{i}.ffn.experts")
+        if build != "nvfp4":
+            c.fail(f"layers.{i}.ffn.experts are stored NVFP4, but vLLM 0.33 builds them {build}: {why}")
     for k in range(mtp_layers(cfg) if form else 0):
         module = f"mtp.{k}.ffn.experts"
         build, why = vllm_expert_form(cfg, module)
