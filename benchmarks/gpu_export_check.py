@@ -7,8 +7,9 @@ Needs CUDA (modelopt's NVFP4 fake-quant forward does). On the tiny V4 by default
 
 What it does, on one calibration of the BF16 model (NVFP4 experts only, max, no KV cache):
 1. logits of modelopt's fake-quantized model on a fixed batch;
-2. the v4-serving export written from that model's amax twice, NVFP4 math on CPU and on CUDA: the
-   files must be identical (the writer's `device: cuda` gives the CPU bytes);
+2. the v4-serving export written from that model's amax twice, re-quantizing the expert weights
+   (`cast_mxfp4_to_nvfp4: false`, what the fake-quantized forward used) on CPU (tables) and on
+   CUDA (modelopt's calls batched): the files must be identical;
 3. every expert weight dequantized from the export (quantbook.export.verify.dequant_nvfp4) against
    modelopt's fake-quantized weight of the same expert (the weight the forward used): equal;
    every exported input_scale against the calibrated input amax / (6*448): equal;
@@ -75,7 +76,7 @@ def run_check(bf16: str | Path, source: str | Path, out: str | Path, device: str
     exports = {}
     for dev in ("cpu", device):
         d = out / f"export-{dev.replace(':', '')}"
-        write_serving_layout(source, snap, d, device=dev, progress=False)
+        write_serving_layout(source, snap, d, cast_mxfp4_to_nvfp4=False, device=dev, progress=False)
         exports[dev] = d
     identical = _files(exports["cpu"]) == _files(exports[device])
 

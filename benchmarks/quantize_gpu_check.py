@@ -87,7 +87,7 @@ def main() -> int:
     def run(name, **over):
         hf = {**base, **over.pop("hf", {}), "export_path": str(out / f"export-{name}")}
         t0 = time.time()
-        rec = calibrate.quantize({"hf_ptq": hf, **over}, out / f"run-{name}")
+        rec = calibrate.quantize({"hf_ptq": hf, "export_generic": True, **over}, out / f"run-{name}")
         snap, _ = amax.load_snapshot(out / f"run-{name}" / amax.SNAPSHOT)
         result[name] = {"status": rec["status"], "seconds": round(time.time() - t0, 1), "timings": rec["timings"],
                         "amax_tensors": len(snap),

@@ -34,3 +34,23 @@ def rewrite_shard(ckpt: Path, shard: str, edit) -> None:
 def corrupt_header(path: Path) -> None:
     raw = path.read_bytes()
     path.write_bytes(raw[:8] + b"X" + raw[9:])
+
+
+def edit_tensor(ckpt: Path, name: str, fn) -> None:
+    """fn(uint8 array shaped like the stored bytes of `name`) edits it in place; the shard is rewritten."""
+    import numpy as np
+
+    from quantbook.release.shards import Checkpoint
+
+    shard = Checkpoint(ckpt).weight_map[name]
+
+    def edit(items):
+        for item in items:
+            if item[0] == name:
+                shape = tuple(item[2]) if item[1] in ("U8", "I8", "F8_E4M3", "F8_E8M0") else (len(item[3]),)
+                a = np.frombuffer(item[3], dtype=np.uint8).copy().reshape(shape)
+                fn(a)
+                item[3] = a.tobytes()
+        return items
+
+    rewrite_shard(ckpt, shard, edit)

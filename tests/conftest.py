@@ -49,7 +49,8 @@ def tiny_chain(tiny_src, tmp_path_factory):
     """The README's main command on the embedded tiny default, once per session: the repository's
     `params/tiny.yaml` with its paths moved under a temporary directory, the release taken from
     `tiny_src` (the same seed the `tiny:` section builds) and the calibration text written for the
-    tests; notebooks 01 -> 04 through papermill. Read-only for the tests that share it.
+    tests, and step 02 asked for modelopt's generic export too (`export_generic: true`, off by
+    default); notebooks 01 -> 04 through papermill. Read-only for the tests that share it.
 
     Returns the paths: params, runs, run_dir, src, bf16, generic (step 02's modelopt export),
     export (step 03's v4-serving layout), calib, and the chain's manifest and quantize record."""
@@ -65,6 +66,7 @@ def tiny_chain(tiny_src, tmp_path_factory):
     text = (REPO / "params" / "tiny.yaml").read_text()
     assert "work/tiny/" in text and "work/calib/english.jsonl" in text
     raw = yaml.safe_load(text.replace("work/tiny/", f"{base}/tiny/").replace("work/calib/", f"{base}/calib/"))
+    raw["quantize"]["export_generic"] = True  # the tests compare modelopt's generic export with step 03's
     src = Path(raw["dequant"]["source"])
     src.parent.mkdir(parents=True)
     shutil.copytree(tiny_src, src)

@@ -195,7 +195,8 @@ def test_run_wiring(double, tmp_path, events, monkeypatch):
 
     if torch.cuda.is_available():
         pytest.skip("the CPU guard is inactive on a CUDA machine")
-    rec = hfptq.run(q_for(double, tmp_path, verbose=False), tmp_path / "run", hook=hook)
+    q = {**q_for(double, tmp_path, verbose=False), "export_generic": True}
+    rec = hfptq.run(q, tmp_path / "run", hook=hook)
     ev = events()
     assert [e["event"] for e in ev] == ["imported", "patches", "main", "calibrate", "hook", "export"]
     main = ev[2]
@@ -211,10 +212,29 @@ def test_run_wiring(double, tmp_path, events, monkeypatch):
     assert rec["hf_ptq"]["match"] and not rec["hf_ptq"]["forced"]
     assert "--export_path=" + str(tmp_path / "export.partial") in rec["hf_ptq"]["argv"]  # renamed when complete
     assert (tmp_path / "export" / "args.json").exists() and not (tmp_path / "export.partial").exists()
+    assert rec["export"] == {"written": True, "dir": str(tmp_path / "export")}
     assert set(rec["timings"]) == {"snapshot_and_state", "export", "finalize"}  # the double has no load_model
     # nothing left behind: sys.path, the checkout's modules, torch.cuda.is_available
     assert sys.path == path_before and "hf_ptq" not in sys.modules and "double_utils" not in sys.modules
     assert torch.cuda.is_available is real_is_available
+
+
+def test_no_generic_export_unless_asked(double, tmp_path, events, monkeypatch):
+    """Without `export_generic`, hf_ptq's export call ends after the post-calibration hook: nothing is
+    written under export_path, and the record says why."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU guard is inactive on a CUDA machine")
+    monkeypatch.setattr(hfptq.patches, "apply", lambda force=False: [])
+    rec = hfptq.run(q_for(double, tmp_path), tmp_path / "run", hook=lambda full_model, args: events.log("hook"))
+    assert [e["event"] for e in events()][-2:] == ["calibrate", "hook"]  # hf_ptq's own export never ran
+    assert rec["export"]["written"] is False and "export_generic is false" in rec["export"]["why"]
+    assert not (tmp_path / "export").exists() and not (tmp_path / "export.partial").exists()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if "generic-export" in p.name) == []
+    assert set(rec["timings"]) == {"snapshot_and_state", "finalize"}
+    argv = rec["hf_ptq"]["argv"]
+    assert "--export_path=" + str(tmp_path / "run" / "generic-export.partial") in argv  # its summary, then dropped
 
 
 def test_default_hook_gets_the_calibration_data_and_counts(double, tmp_path, events, monkeypatch):
@@ -233,7 +253,7 @@ def test_default_hook_gets_the_calibration_data_and_counts(double, tmp_path, eve
         return {"state": "saved"}
 
     monkeypatch.setattr(state, "post_calibration", post_calibration)
-    q = q_for(double, tmp_path)
+    q = {**q_for(double, tmp_path), "export_generic": True}
     rec = hfptq.run(q, tmp_path / "run")
     assert [e["event"] for e in events()][-3:] == ["calibrate", "hook", "export"]
     assert isinstance(got["model"], torch.nn.Linear) and got["run_dir"] == tmp_path / "run"
@@ -255,12 +275,13 @@ def test_failed_run_keeps_the_previous_export_and_says_failed(double, tmp_path, 
     def hook(full_model, args):
         raise RuntimeError("hook failed")
 
+    q = {**q_for(double, tmp_path), "export_generic": True}
     with pytest.raises(RuntimeError, match="hook failed"):
-        hfptq.run(q_for(double, tmp_path), tmp_path / "run", hook=hook)
+        hfptq.run(q, tmp_path / "run", hook=hook)
     assert (tmp_path / "export" / "model.safetensors").read_bytes() == b"previous"
     rec = json.loads((tmp_path / "run" / driver.RESULT).read_text())
     assert rec["status"] == "failed" and "hook failed" in rec["error"]
-    hfptq.run(q_for(double, tmp_path), tmp_path / "run", hook=lambda **k: None)
+    hfptq.run(q, tmp_path / "run", hook=lambda **k: None)
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["args.json"]
 
 
@@ -419,7 +440,7 @@ def test_both_drivers_export_identical_bytes(tiny_bf16, tmp_path, device):
             ([("hf_ptq-again", "hf_ptq")] if device != "cpu" else []):
         exports[name] = tmp_path / f"export-{name}"
         q = {"driver": driver_name, "hf_ptq_dir": REAL, "force": real_force(), "layerwise": False,
-             "layerwise_save_every": 1, "save_full_state": False,
+             "layerwise_save_every": 1, "save_full_state": False, "export_generic": True,
              "hf_ptq": {**settings, "export_path": str(exports[name])}}
         timings[name] = run_driver(q, tmp_path / f"run-{name}")["seconds"]
     if "hf_ptq-again" in exports:

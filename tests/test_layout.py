@@ -1,5 +1,6 @@
-"""The v4-serving layout writer: modelopt's numbers bit for bit, the contract's layout, amax rules,
-the lossless MXFP4 cast, refusals, and an export killed with SIGKILL then resumed."""
+"""The v4-serving layout writer: modelopt's numbers bit for bit (re-quantizing), the contract's layout,
+amax rules, the lossless MXFP4 carry (the default), refusals, and an export killed with SIGKILL then
+resumed. The fast writer's routes and methods in detail: test_layout_writer.py; MTP: test_mtp_experts.py."""
 
 import json
 import math
@@ -43,13 +44,14 @@ def calibrated(tiny_chain):
 
 @pytest.fixture(scope="module")
 def serving(calibrated, tiny_src, tmp_path_factory):
-    """The v4-serving export of the calibrated tiny model, uninterrupted (the reference for resumes)."""
+    """The v4-serving export of the calibrated tiny model, expert weights re-quantized from the amax
+    (`cast_mxfp4_to_nvfp4: false`, modelopt's own numbers), uninterrupted (the reference for resumes)."""
     snap, _ = calibrated
     d = tmp_path_factory.mktemp("serving")
     path = d / "snap.safetensors"
     save_snapshot(path, snap)
     dst = d / "export"
-    report = write_serving_layout(tiny_src, path, dst, progress=False)
+    report = write_serving_layout(tiny_src, path, dst, cast_mxfp4_to_nvfp4=False, progress=False)
     return dst, path, report
 
 
@@ -124,7 +126,7 @@ def test_native_amax_names_give_the_same_bytes(calibrated, serving, tiny_src, tm
     snap, _ = calibrated
     dst, _, _ = serving
     out = tmp_path / "native"
-    write_serving_layout(tiny_src, to_native_names(snap), out, progress=False)
+    write_serving_layout(tiny_src, to_native_names(snap), out, cast_mxfp4_to_nvfp4=False, progress=False)
     assert files(out, exclude=(MANIFEST,)) == files(dst, exclude=(MANIFEST,))
 
 
@@ -161,7 +163,7 @@ def test_amax_anomalies_are_filled_and_listed(tiny_src, tmp_path):
         else:
             snap[key] = torch.tensor(value[what])
     out = tmp_path / "export"
-    report = write_serving_layout(tiny_src, snap, out, progress=False)
+    report = write_serving_layout(tiny_src, snap, out, cast_mxfp4_to_nvfp4=False, progress=False)
     listed = {(f["projection"], f["amax"]): f["found"] for f in report["fills"]}
     assert listed == {k: v for k, v in inject.items()}
     assert report["filled"] == {"weight": 6, "input": 6}
@@ -220,7 +222,7 @@ def test_refuses_when_nothing_was_calibrated(tiny_src, tmp_path):
                              tmp_path / "b", progress=False)
     no_weight = {k: (torch.tensor(math.nan) if "weight" in k else v) for k, v in snap.items()}
     with pytest.raises(LayoutError, match="no usable calibrated weight amax"):
-        write_serving_layout(tiny_src, no_weight, tmp_path / "c", progress=False)
+        write_serving_layout(tiny_src, no_weight, tmp_path / "c", cast_mxfp4_to_nvfp4=False, progress=False)
     other_model = dict(snap, **{"layers.9.ffn.experts.0.w1.weight_quantizer._amax": torch.tensor(1.0)})
     with pytest.raises(LayoutError, match="layer 9, but config.json has 4 layers"):
         write_serving_layout(tiny_src, other_model, tmp_path / "d", progress=False)
@@ -241,9 +243,11 @@ def test_destination_refusals(serving, tiny_src, tmp_path):
         write_serving_layout(tiny_src, snap_path, tiny_src / "out", progress=False)
     other = native_snapshot(tiny_src, input_base=5.0)
     with pytest.raises(DestinationError, match="other amax"):
-        write_serving_layout(tiny_src, other, dst, progress=False)
+        write_serving_layout(tiny_src, other, dst, cast_mxfp4_to_nvfp4=False, progress=False)
     with pytest.raises(DestinationError, match="other options"):
         write_serving_layout(tiny_src, snap_path, dst, cast_mxfp4_to_nvfp4=True, progress=False)
+    with pytest.raises(LayoutError, match="mtp_experts: 'mxfp4'; choose one of"):
+        write_serving_layout(tiny_src, snap_path, dst, mtp_experts="mxfp4", progress=False)
 
 
 def test_rerun_of_a_complete_export_skips_every_shard(serving, tiny_src, tmp_path):
@@ -251,25 +255,25 @@ def test_rerun_of_a_complete_export_skips_every_shard(serving, tiny_src, tmp_pat
     copy = tmp_path / "copy"
     shutil.copytree(dst, copy)
     before = files(copy, exclude=(MANIFEST,))
-    report = write_serving_layout(tiny_src, snap_path, copy, progress=False)
+    report = write_serving_layout(tiny_src, snap_path, copy, cast_mxfp4_to_nvfp4=False, progress=False)
     assert report["shards_skipped"] == 7 and report["shards_written"] == 0
     assert files(copy, exclude=(MANIFEST,)) == before
 
 
 CHILD = textwrap.dedent("""
     import sys, time
-    from quantbook.export import layout
+    from quantbook.export import layout, writer
     src, snap, dst, target = sys.argv[1:5]
 
-    class Stalling(layout.ShardWriter):
+    class Stalling(writer.ShardWriter):
         def write(self, data):
             super().write(data)
             if self.path.name == target and self.written > 4096:
                 print("PAUSED", flush=True)
                 time.sleep(600)
 
-    layout.ShardWriter = Stalling
-    layout.write_serving_layout(src, snap, dst, workers=1, progress=False)
+    writer.ShardWriter = Stalling
+    layout.write_serving_layout(src, snap, dst, cast_mxfp4_to_nvfp4=False, workers=1, progress=False)
     print("FINISHED", flush=True)
 """)
 
@@ -282,7 +286,8 @@ def test_sigkill_mid_export_then_resume_is_bit_identical(serving, tiny_src, tmp_
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     target = "model-00004-of-00007.safetensors"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                     os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen([sys.executable, str(script), str(tiny_src), str(snap_path), str(dst), target],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
@@ -308,7 +313,7 @@ def test_sigkill_mid_export_then_resume_is_bit_identical(serving, tiny_src, tmp_
     with pytest.raises(FormatError):
         verify(dst, progress=False)  # nothing there reads as an export
 
-    report = write_serving_layout(tiny_src, snap_path, dst, progress=False)
+    report = write_serving_layout(tiny_src, snap_path, dst, cast_mxfp4_to_nvfp4=False, progress=False)
     assert report["shards_skipped"] == 3 and report["shards_written"] == 4
     assert files(dst, exclude=(MANIFEST,)) == files(ref, exclude=(MANIFEST,))
     assert json.loads((dst / MANIFEST).read_text())["shards"] == json.loads((ref / MANIFEST).read_text())["shards"]
@@ -337,9 +342,11 @@ def test_lossless_mxfp4_cast(tiny_src, tmp_path):
     rewrite_shard(src, shard, edit)
     snap = native_snapshot(src)
     out = tmp_path / "cast"
-    report = write_serving_layout(src, snap, out, cast_mxfp4_to_nvfp4=True, progress=False)
+    report = write_serving_layout(src, snap, out, progress=False)  # the default: carried from the release
     blocks = 4 * 8 * (2 * 128 * 256 // 32 + 256 * 128 // 32)
-    assert report["cast"] == {"blocks": blocks, "lossless": blocks - lossy_blocks, "lossy": lossy_blocks}
+    assert report["cast"] == {"blocks": blocks, "lossless": blocks - lossy_blocks, "lossy": lossy_blocks,
+                              "lossy_tensors": {"layers.1.ffn.experts.2.w3.weight": lossy_blocks}}
+    assert "layers.1.ffn.experts.2.w3.weight: 5 blocks re-quantized" in layout.report_summary(report)
     ck, rel = Checkpoint(out), Checkpoint(src)
     for i in range(4):
         for j in range(8):
@@ -366,6 +373,9 @@ def test_lossless_mxfp4_cast(tiny_src, tmp_path):
 
     r = verify(out, source=src, progress=False)
     assert r["verdict"] == "pass", r["reasons"]
+    n = r["numbers"]  # against the release: every carried 16-block exact, the 10 re-quantized ones bounded
+    assert n["against"] == "release" and n["blocks"] - n["blocks_exact"] <= 2 * lossy_blocks
+    assert r["numbers_per_tensor"]["layers.0.ffn.experts.0.w1"]["rel_rmse"] == 0.0
 
 
 def test_pro_shaped_amax_resolves(pro_snapshot):
@@ -388,9 +398,9 @@ def test_weight_amax_that_is_not_this_releases_is_flagged(tiny_src, tmp_path):
     for w in ("w1", "w3"):
         snap[f"layers.2.ffn.experts.4.{w}.weight_quantizer._amax"] = snap[f"layers.2.ffn.experts.4.{w}.weight_quantizer._amax"] / 4
     out = tmp_path / "export"
-    report = write_serving_layout(tiny_src, snap, out, progress=False)
-    assert sorted(m["projection"] for m in report["weight_amax_not_release_max"]) == \
-        ["layers.0.ffn.experts.0.w2", "layers.2.ffn.experts.4.w1/w3"]
+    report = write_serving_layout(tiny_src, snap, out, cast_mxfp4_to_nvfp4=False, workers=2, progress=False)
+    assert [m["projection"] for m in report["weight_amax_not_release_max"]] == \
+        ["layers.0.ffn.experts.0.w2", "layers.2.ffn.experts.4.w1/w3"]  # sorted, whatever order shards finished in
     assert "WARNING: 2 expert weight amax differ" in layout.report_summary(report)
 
     from quantbook.export.verify import verify

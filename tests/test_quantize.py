@@ -172,3 +172,28 @@ def test_params_tiny_quantize_section():
     s = settings.modelopt_settings(q)
     assert s["qformat"] == "nvfp4_experts_only" and s["device"] == "cpu" and s["batch_size"] > 0
     check_quantize_settings(q, None)
+
+
+def test_no_generic_export_by_default(tiny_bf16, calib_file, tmp_path):
+    """`export_generic` off (the default): calibration, snapshot and state as always; no export written or
+    counted against the disk; the record, the notebook's tables and its verify step say so."""
+    from quantbook import amax, calibrate
+    from quantbook.calibrate import report
+
+    q = tiny_q(tiny_bf16, tmp_path / "generic", calib_file)
+    facts = calibrate.preflight(q, tmp_path / "run")
+    assert list(facts["resources"]["disk"]) == ["run_dir"] and facts["resources"]["export_bytes"] == 0
+    rec = calibrate.quantize(q, tmp_path / "run", facts=facts)
+    assert rec["status"] == "done" and rec["export"]["written"] is False
+    assert "export_generic is false" in rec["export"]["why"] and "export" not in rec["timings"]
+    assert not (tmp_path / "generic").exists() and not list(tmp_path.glob("generic*"))
+    run_dir = tmp_path / "run"
+    assert (run_dir / amax.SNAPSHOT).is_file() and (run_dir / ".quant_summary.txt").is_file()
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith("generic-export")]
+    assert report.verify_generic_export(rec, run_dir, reference=tiny_bf16) is None
+    assert not (run_dir / "verify-02.json").exists()
+    outputs = report.outputs_table(run_dir, rec)
+    assert outputs.loc["export (unified HF, NVFP4)", "path"] == "not written (quantize.export_generic: false)"
+    summary = report.preflight_summary(facts, calibrate.settings.normalize(q), run_dir)["value"]
+    assert summary["generic export (estimate)"] == "not written (quantize.export_generic: false)"
+

@@ -59,12 +59,12 @@ def test_kill_refuse_stale_resume_identical(tiny_bf16, tmp_path):
     calib = write_calib(tmp_path / "calib.jsonl")
 
     # the reference: an uninterrupted layerwise run
-    ref_q = tiny_q(tiny_bf16, tmp_path / "export-ref", calib, layerwise=True)
+    ref_q = tiny_q(tiny_bf16, tmp_path / "export-ref", calib, layerwise=True, export_generic=True)
     ref = calibrate.quantize(ref_q, tmp_path / "runs" / "ref")
     assert ref["status"] == "done" and ref["layerwise"]["resume"] is False
 
     # the same settings, killed with SIGKILL after the first committed layer
-    q = tiny_q(tiny_bf16, tmp_path / "export", calib, layerwise=True)
+    q = tiny_q(tiny_bf16, tmp_path / "export", calib, layerwise=True, export_generic=True)
     params = _params_file(tmp_path / "lw.yaml", q)
     progress = _kill_after_first_layer(params, tmp_path / "runs", "killed")
     last, total = progress["last_completed_layer"], progress["num_layers"]
@@ -74,7 +74,8 @@ def test_kill_refuse_stale_resume_identical(tiny_bf16, tmp_path):
     assert not (tmp_path / "export").exists()
 
     # other calibration data with the same layer count: refused, the checkpoint left intact
-    stale = tiny_q(tiny_bf16, tmp_path / "export", calib, layerwise=True, hf_ptq={"calib_size": 12})
+    stale = tiny_q(tiny_bf16, tmp_path / "export", calib, layerwise=True, export_generic=True,
+                   hf_ptq={"calib_size": 12})
     with pytest.raises(state.StaleCheckpoint, match="calibration"):
         calibrate.quantize(stale, run_dir)
     assert json.loads((run_dir / "layerwise" / "ckpt" / "manifest.json").read_text()) == progress

@@ -22,7 +22,7 @@ def test_preflight_tables(facts, tiny_chain, tmp_path):
     summary = report.preflight_summary(facts, q, tmp_path)["value"]
     assert summary["driver"] == "modelopt" and "DeepseekV4ForCausalLM, 4 layers, 8 routed experts" in summary["model"]
     assert summary["calibration"].startswith(f"16 samples from {tiny_chain['calib']}; calib_seq 64; batch_size 4")
-    assert summary["export (estimate)"].endswith("MiB") and "FORCED despite" not in summary.index
+    assert summary["generic export (estimate)"].endswith("MiB") and "FORCED despite" not in summary.index
     flags = report.flags_table(facts, q)["value"]
     assert flags["qformat"] == "nvfp4_experts_only" and flags["layerwise"] is False
     disk = report.disk_table(facts)

@@ -21,25 +21,70 @@ from quantbook.release.shards import INDEX_NAME
 
 @pytest.fixture(scope="module")
 def export(tiny_src, tmp_path_factory):
+    """Expert weights re-quantized from amax: every block's error is bounded, not zero."""
     out = tmp_path_factory.mktemp("verify") / "export"
+    write_serving_layout(tiny_src, native_snapshot(tiny_src), out, cast_mxfp4_to_nvfp4=False, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def carried(tiny_src, tmp_path_factory):
+    """The default export: expert weights carried from the release."""
+    out = tmp_path_factory.mktemp("verify-carried") / "export"
     write_serving_layout(tiny_src, native_snapshot(tiny_src), out, progress=False)
     return out
+
+
+MTP_WARNING = "MTP drafts will be wrong on vLLM"
 
 
 def test_good_export_passes_and_is_recorded(export, tiny_src, tiny_bf16, tmp_path):
     r = V.verify(export, source=tiny_src, reference=tiny_bf16, progress=False)
     assert r["verdict"] == "pass", r["reasons"]
-    assert [c["status"] for c in r["checks"]] == ["pass"] * 8
+    assert [c["status"] for c in r["checks"]] == ["pass"] * 8 + ["warn"]  # 9: MTP experts MXFP4 (released)
+    assert MTP_WARNING in r["checks"][8]["detail"] and "warning in check(s) 9" in r["summary"]
     assert r["numbers"]["tensors"] == 96 and r["numbers"]["max_ratio"] <= 1
-    assert 0.02 < r["numbers"]["rel_rmse_mean"] < 0.15  # NVFP4 on these weights: a few percent
+    assert r["numbers"]["against"] == "release" and r["numbers"]["carried_tensors"] == 0
+    assert 0.02 < r["numbers"]["rel_rmse_mean"] < 0.15  # re-quantized NVFP4 on these weights: a few percent
     j, m = V.write_result(r, tmp_path / "run")
     assert json.loads(j.read_text())["verdict"] == "pass"
-    assert "**PASS**" in m.read_text() and "| 7 |" in m.read_text()
+    text = m.read_text()
+    assert "**PASS**" in text and "| 7 |" in text and "drafts correctly on SGLang 0.5.23" in text
     assert not list((tmp_path / "run").glob(".*.tmp"))
     # without release or reference the byte and number checks are skipped, and say so
     r = V.verify(export, progress=False)
     assert r["verdict"] == "pass" and "skipped" in r["summary"]
     assert {c["id"] for c in r["checks"] if c["status"] == "skip"} == {"1", "5", "7"}
+    # the BF16 reference alone (step 01's copy of the release's values) gives the same numbers
+    by_ref = V.verify(export, reference=tiny_bf16, progress=False)["numbers"]
+    by_src = V.verify(export, source=tiny_src, progress=False)["numbers"]
+    assert by_ref["against"] == "BF16 reference" and by_ref["rel_rmse_mean"] == by_src["rel_rmse_mean"]
+    assert by_ref["blocks_exact"] == by_src["blocks_exact"]
+
+
+def test_carried_export_equals_the_release(carried, tiny_src, tiny_bf16):
+    """Carried weights: zero error against the release's own values, every block; a carried block changed
+    by one code fails check 7 even though it stays within NVFP4's bound."""
+    r = V.verify(carried, source=tiny_src, progress=False)
+    assert r["verdict"] == "pass", r["reasons"]
+    n = r["numbers"]
+    assert n["carried_tensors"] == 96 and n["blocks_exact"] == n["blocks"] == 196_608
+    assert n["rel_rmse_max"] == 0.0 and n["max_ratio"] == 0.0
+    assert V.verify(carried, reference=tiny_bf16, progress=False)["numbers"]["rel_rmse_max"] == 0.0
+
+
+def test_a_carried_block_that_moved_fails(carried, tiny_src, tmp_path):
+    d = tmp_path / "export"
+    shutil.copytree(carried, d)
+
+    def one_step(n, t, s, b):  # the first code moved by one E2M1 step: bounded, but no longer the release's
+        return [n, t, s, bytes([b[0] ^ 0x01]) + b[1:]]
+
+    _edit(d, {"layers.2.ffn.experts.1.w2.weight"}, one_step)
+    (d / MANIFEST).write_text((carried / MANIFEST).read_text())  # as written: the manifest says carried
+    r = V.verify(d, source=tiny_src, progress=False)
+    failed = {c["id"]: c for c in r["checks"] if c["status"] == "fail"}
+    assert set(failed) == {"7", "8"} and "carried from the release with 0 lossy 32-blocks" in failed["7"]["detail"]
 
 
 def _edit(ck_dir: Path, names: set, fn) -> None:
@@ -127,6 +172,23 @@ def _ignore_experts(d):
     _json_edit(d, "config.json", f)
 
 
+def _moe_algo_missing(d):
+    _json_edit(d, "config.json", lambda c: c["quantization_config"].pop("moe_quant_algo"))
+
+
+def _moe_algo_fp8(d):
+    _json_edit(d, "config.json", lambda c: c["quantization_config"].update(moe_quant_algo="FP8"))
+
+
+def _ignored_layers(d):
+    _json_edit(d, "config.json",
+               lambda c: c["quantization_config"].update(ignored_layers=["model.layers.0.ffn.experts"]))
+
+
+def _not_convert(d):
+    _json_edit(d, "config.json", lambda c: c["quantization_config"].update(modules_to_not_convert=["re:.*experts.*"]))
+
+
 def _hf_quant_mismatch(d):
     _json_edit(d, "hf_quant_config.json", lambda c: c["quantization"].update(exclude_modules=["head"]))
 
@@ -154,7 +216,11 @@ CORRUPTIONS = {
     "mtp dropped": (_drop_mtp, {"5"}),
     "transformers name": (_transformers_name, {"3", "5"}),
     "quant_algo NVFP4": (_quant_algo, {"2"}),
-    "expert_dtype fp8": (_expert_dtype, {"1"}),
+    "expert_dtype fp8": (_expert_dtype, {"1", "9"}),
+    "moe_quant_algo missing": (_moe_algo_missing, {"2", "9"}),
+    "moe_quant_algo FP8": (_moe_algo_fp8, {"2", "9"}),
+    "ignored_layers covers experts": (_ignored_layers, {"2", "9"}),
+    "modules_to_not_convert covers experts": (_not_convert, {"2", "9"}),
     "ignore matches experts": (_ignore_experts, {"2"}),
     "hf_quant_config differs": (_hf_quant_mismatch, {"2"}),
     "total_size wrong": (_total_size, {"6"}),
@@ -175,6 +241,43 @@ def test_each_defect_fails_its_check(kind, export, tiny_src, tmp_path):
     r = V.verify(d, source=tiny_src, progress=False)
     assert r["verdict"] == "fail"
     assert {c["id"] for c in r["checks"] if c["status"] == "fail"} == failing, r["reasons"]
+
+
+ENGINE_REASONS = {
+    "expert_dtype fp8": "vLLM 0.33 builds them fp8: expert_dtype fp8",
+    "moe_quant_algo missing": "builds them mxfp4: no moe_quant_algo",
+    "moe_quant_algo FP8": "builds them other: moe_quant_algo 'FP8'",
+    "ignored_layers covers experts": "ignored_layers entry 'model.layers.0.ffn.experts' covers layers.0.ffn.experts",
+    "modules_to_not_convert covers experts": "modules_to_not_convert entry 're:.*experts.*'",
+}
+
+
+@pytest.mark.parametrize("kind", list(ENGINE_REASONS))
+def test_engine_check_says_why(kind, export, tmp_path):
+    """Check 9 names what vLLM 0.33 would build the experts as, and which config key makes it."""
+    d = tmp_path / "export"
+    shutil.copytree(export, d)
+    CORRUPTIONS[kind][0](d)
+    check = {c["id"]: c for c in V.verify(d, progress=False)["checks"]}["9"]
+    assert check["status"] == "fail" and ENGINE_REASONS[kind] in check["detail"], check["detail"]
+
+
+def test_every_expert_missing_a_tensor_is_named(export, tmp_path):
+    d = tmp_path / "export"
+    shutil.copytree(export, d)
+    (d / MANIFEST).unlink()
+    gone = {f"layers.{i}.ffn.experts.{j}.w{k}.input_scale" for i, j, k in
+            [(0, 1, 1), (0, 2, 2), (1, 3, 3), (1, 4, 1), (2, 5, 2), (3, 6, 3), (3, 7, 1)]}
+    gone.add("layers.2.ffn.experts.0.w2.weight_scale_2")
+    _edit(d, gone, lambda *a: None)
+    r = V.verify(d, progress=False)
+    assert r["verdict"] == "fail"
+    missing = r["missing_expert_tensors"]
+    assert {f"{p}.{s}" for p, ss in missing.items() for s in ss} == gone  # all 8, more than a check's detail shows
+    assert missing["layers.2.ffn.experts.0.w2"] == ["weight_scale_2"]
+    table = V.format_table(r)
+    for p, ss in missing.items():
+        assert f"- {p}: {', '.join(ss)}" in table
 
 
 @pytest.fixture(scope="module")

@@ -145,6 +145,7 @@ def cmd_quantize(a) -> int:
     import time
 
     from .calibrate import quantize
+    from .calibrate.driver import generic_export_dir
     from .params import load_params
 
     if a.export_only or a.validate_only:  # step 03 on a calibrated run: no model loaded, nothing recalibrated
@@ -159,7 +160,9 @@ def cmd_quantize(a) -> int:
     print(f"quantize: run {run_id} -> {run_dir} (rerun with --run-id {run_id} to resume a layerwise calibration)")
     rec = quantize(params.get("quantize") or {}, run_dir)
     cov = rec.get("expert_coverage") or {}
-    print(f"{rec['status']}: export {rec['export']['dir']}; state {run_dir / 'state'}; "
+    generic = generic_export_dir(rec)
+    print(f"{rec['status']}: generic export {generic or 'not written (quantize.export_generic: false)'}; "
+          f"state {run_dir / 'state'}; amax {run_dir / 'amax.safetensors'} (step 03 exports from it); "
           f"amax repaired: {len(rec.get('post_calibration', {}).get('amax_repairs', []))}; "
           f"experts never routed: {cov.get('experts_never_routed')}")
     return 0

@@ -11,6 +11,7 @@ before anything loads.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from .. import atomic
@@ -20,11 +21,15 @@ from ..records.step import Phases, StepRecord
 from . import patches
 from .checks import check_quantize_settings
 from .resources import MemoryNeed, model_sizes, size
-from .settings import calib_plan
+from .settings import calib_plan, writes_generic_export
 from .state import versions
 
 RESULT = "quantize.json"  # the record of step 02, whichever driver ran it
 SUMMARY = ".quant_summary.txt"  # modelopt's quantizer list, kept beside the record
+# where modelopt's summary lands (inside the run directory, then removed) when no generic export is written
+SCRATCH = "generic-export"
+NOT_WRITTEN = {"written": False, "why": "quantize.export_generic is false: modelopt's generic export (research only, "
+                                        "not servable for V4; step 03 does not read it) was not written"}
 
 
 class Driver:
@@ -134,3 +139,40 @@ class DriverRun:
 
     def done(self, **result) -> dict:
         return self.record.done(bad_amax=self.ledger.report(), **result)
+
+
+def export_dirs(q: dict, s: dict, run_dir: str | Path) -> tuple[Path | None, Path]:
+    """(where the generic export goes, or None when `export_generic` is off; the directory the driver
+    writes it and modelopt's quantizer summary into: `<export_path>.partial`, or a scratch
+    directory inside the run directory). Nothing is created: `start_export` does."""
+    final = Path(s.get("export_path") or "exported_model") if writes_generic_export(q) else None
+    base = final if final is not None else Path(run_dir) / SCRATCH
+    return final, base.with_name(base.name + atomic.PARTIAL)
+
+
+def start_export(work: Path) -> None:
+    """A fresh, empty `work` directory (one left by a killed run is removed first)."""
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+
+
+def finish_export(final: Path | None, work: Path, run_dir: str | Path) -> dict:
+    """Put the generic export in place (or drop the scratch directory), keep the quantizer summary
+    beside the record; returns the record's `export` entry: what was (not) written, and where."""
+    if final is None:
+        if (work / SUMMARY).exists():
+            shutil.copy2(work / SUMMARY, Path(run_dir) / SUMMARY)
+        shutil.rmtree(work)
+        return dict(NOT_WRITTEN)
+    atomic.replace_dir(work, final)
+    if (final / SUMMARY).exists():
+        shutil.copy2(final / SUMMARY, Path(run_dir) / SUMMARY)
+    return {"written": True, "dir": str(final)}
+
+
+def generic_export_dir(rec: dict) -> Path | None:
+    """The generic export a step-02 record says was written, or None."""
+    export = rec.get("export") or {}
+    return Path(export["dir"]) if export.get("dir") and export.get("written", True) else None
+

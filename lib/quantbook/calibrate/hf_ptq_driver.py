@@ -14,11 +14,14 @@ one of the predecessor's failures, and nothing else:
 3. `export_quantized`, which hf_ptq's `post_quantize` calls through the module global, is wrapped
    (`export_hook`): before the export starts, the post-calibration hook (`state.post_calibration`)
    snapshots every amax to CPU and to a file, repairs bad amax and saves the cheap calibrated
-   state, so an export that fails (run 2) never costs the calibration. Four more module globals
+   state, so an export that fails (run 2) never costs the calibration. hf_ptq's own export (the
+   generic one, not servable for V4) then runs only with `quantize.export_generic: true`; without
+   it the call ends after the hook and the record says the export was not written. Four more module globals
    are wrapped only to observe (`calibration_observers`): the calibration data, the experts
    reached, the quantization config, the time and memory of each phase.
 4. hf_ptq writes into `<export_path>.partial`, renamed onto `export_path` when main() returns, so
-   an interrupted run never leaves a half export under the final name.
+   an interrupted run never leaves a half export under the final name (without the export, its
+   quantizer summary goes to a scratch directory in the run directory, kept beside the record).
 5. On a machine without CUDA and with `device: cpu` only, `main()`'s opening "GPU is required"
    check is let through (`cpu_rehearsal`); everything after it runs on CPU unchanged. This is
    what lets the whole script be rehearsed in CI on the tiny model.
@@ -46,7 +49,6 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -55,12 +57,11 @@ from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import atomic
 from ..errors import ParamsError
 from . import patches, state
 from .checks import check_quantize_settings
 from .data import ExpertTokenCounter, coverage, describe_dataloader
-from .driver import SUMMARY, Driver, DriverRun, check_inputs
+from .driver import Driver, DriverRun, check_inputs, export_dirs, finish_export, start_export
 from .settings import HF_PTQ_DEFAULTS
 
 CHECKOUT_ENV = "QUANTBOOK_HF_PTQ_DIR"
@@ -432,8 +433,9 @@ def cpu_rehearsal(module, args: argparse.Namespace):
 
 
 @contextmanager
-def export_hook(module, before, around=None):
-    """Wrap hf_ptq's module-global `export_quantized`: `before(full_model, args)` runs first.
+def export_hook(module, before, around=None, export: bool = True):
+    """Wrap hf_ptq's module-global `export_quantized`: `before(full_model, args)` runs first, then
+    hf_ptq's own export unless `export` is False (`quantize.export_generic: false`).
 
     hf_ptq's post_quantize looks the name up at call time, so the wrapper sees every export.
     `around(name)` (optional) gives a context for "snapshot_and_state" and "export" (memory
@@ -449,6 +451,8 @@ def export_hook(module, before, around=None):
         calls.append(time.time())
         with around("snapshot_and_state"):
             before(full_model=full_model, args=args)
+        if not export:
+            return None
         with around("export"):
             return original(args, full_model, language_model, model_type, tokenizer,
                             default_padding_side, default_pad_token)
@@ -585,33 +589,30 @@ def checkout_preflight(q: dict) -> dict:
 def run(q: dict, run_dir: str | Path, hook=None, progress: bool = True, facts: dict | None = None) -> dict:
     """Quantize with the checkout's hf_ptq in this process; returns (and records) the result.
 
-    hf_ptq writes into `<export_path>.partial`, renamed onto `export_path` once main() returns
-    (as the modelopt driver does). `hook(full_model, args)` runs after calibration, right before
-    hf_ptq's export; by default `post_calibration_hook`. The record `quantize.json` in `run_dir`
-    (atomic, status running / done / failed) holds the params, versions, hf_ptq's command line,
-    both version facts and whether they were forced, the patches, the hook's record, the bad
+    With `export_generic`, hf_ptq writes into `<export_path>.partial`, renamed onto `export_path`
+    once main() returns (as the modelopt driver does); without, its export call is skipped.
+    `hook(full_model, args)` runs after calibration, right before hf_ptq's export; by default
+    `post_calibration_hook`. The record `quantize.json` in `run_dir` (atomic, status running /
+    done / failed) holds the params, versions, hf_ptq's command line, both version facts and
+    whether they were forced, the patches, the hook's record, what was (not) exported, the bad
     amax replaced at export, and the time of each phase (also in `memory.csv`).
     """
-    final = Path(q["hf_ptq"].get("export_path") or "exported_model")
-    partial = final.with_name(final.name + atomic.PARTIAL)
-    with prepared(q, export_dir=partial) as p, \
+    final, work = export_dirs(q, q["hf_ptq"], run_dir)
+    with prepared(q, export_dir=work) as p, \
             DriverRun(run_dir, HfPtqDriver.name, q, hf_ptq=p.facts, resources=(facts or {}).get("resources")) as run:
         run.update(patches=patches.apply(force=bool(q.get("force", False))))
-        if partial.exists():
-            shutil.rmtree(partial)
+        start_export(work)
         results: dict = {}
         with calibration_observers(p.module, run.phase) as seen, \
                 export_hook(p.module, hook or post_calibration_hook(run.run_dir, q, seen, results, run.ledger),
-                            run.phase) as exports, \
+                            run.phase, export=final is not None) as exports, \
                 cpu_rehearsal(p.module, p.args) as let_through:
             p.module.main(p.args)
         if len(exports) != 1:
             raise RuntimeError(f"hf_ptq.main returned after {len(exports)} calls of export_quantized, not 1")
         with run.phase("finalize"):
-            atomic.replace_dir(partial, final)
-            if (final / SUMMARY).exists():
-                shutil.copy2(final / SUMMARY, run.run_dir / SUMMARY)
-        return run.done(export={"dir": str(final)}, cpu_rehearsal_guard_lines=let_through, **results)
+            export = finish_export(final, work, run.run_dir)
+        return run.done(export=export, cpu_rehearsal_guard_lines=let_through, **results)
 
 
 class HfPtqDriver(Driver):

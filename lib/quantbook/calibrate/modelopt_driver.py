@@ -4,8 +4,9 @@ The steps of modelopt's `examples/hf_ptq/hf_ptq.py`, each one `hf_model` says mu
 that the export is byte-identical to hf_ptq's for the same settings (tests/test_hfptq.py compares
 them whenever a checkout is available): load, tokenizer, calibration data, quantization config,
 `mtq.quantize` with a forward loop that keeps the KV cache off, the post-calibration hook
-(`state.post_calibration`: amax snapshot, repairs, cheap state), then the unified HF export,
-written into `<export_path>.partial` and renamed into place when complete.
+(`state.post_calibration`: amax snapshot, repairs, cheap state), then, with `export_generic:
+true` only, the unified HF export, written into `<export_path>.partial` and renamed into place
+when complete (not servable for V4: step 03 writes the layout engines serve, from the snapshot).
 
 With `layerwise: true` modelopt calibrates one decoder layer at a time and keeps a checkpoint per
 layer in `<run_dir>/layerwise/`, signed by `state.layerwise_signature`; a rerun with the same run
@@ -15,13 +16,11 @@ directory resumes after the last finished layer, and a stale or foreign checkpoi
 from __future__ import annotations
 
 import random
-import shutil
 from pathlib import Path
 
-from .. import atomic
 from . import patches, state
 from .data import ExpertTokenCounter, coverage, describe_dataloader
-from .driver import SUMMARY, Driver, DriverRun, check_inputs
+from .driver import Driver, DriverRun, check_inputs, export_dirs, finish_export, start_export
 from .hf_model import (
     build_quant_cfg, export_model, kv_cache_off_guard, load_model, load_tokenizer, make_dataloader, model_device,
 )
@@ -48,23 +47,21 @@ class ModeloptDriver(Driver):
 
         facts = facts or cls.preflight(q)
         s = dict(facts["settings"])
-        final = Path(s["export_path"])
         with DriverRun(run_dir, cls.name, q, resources=facts.get("resources")) as run:
             run.update(patches=patches.apply(force=q["force"]))
             random.seed(RAND_SEED)
             np.random.seed(RAND_SEED)
             torch.compiler.set_stance("force_eager")
-            work = atomic.fresh_partial(final)
-            result = _calibrate_and_export(q, s, run, work, progress)
+            final, work = export_dirs(q, s, run.run_dir)
+            start_export(work)
+            result = _calibrate_and_export(q, s, run, work, progress, export=final is not None)
             with run.phase("finalize"):
-                atomic.replace_dir(work, final)
-                if (final / SUMMARY).exists():
-                    shutil.copy2(final / SUMMARY, run.run_dir / SUMMARY)
-            result["export"]["dir"] = str(final)
+                result["export"] = {**result["export"], **finish_export(final, work, run.run_dir)}
             return run.done(**result)
 
 
-def _calibrate_and_export(q: dict, s: dict, run: DriverRun, export_dir: Path, progress: bool) -> dict:
+def _calibrate_and_export(q: dict, s: dict, run: DriverRun, export_dir: Path, progress: bool,
+                          export: bool = True) -> dict:
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import save_expert_token_count_table
     from modelopt.torch.quantization.config import need_calibration
@@ -120,7 +117,9 @@ def _calibrate_and_export(q: dict, s: dict, run: DriverRun, export_dir: Path, pr
                                   model_path=s["pyt_ckpt_path"], quant_cfg=quant_cfg, progress=progress,
                                   phase=run.phase)
     run.update(post_calibration=hook, expert_coverage=coverage(counts))
-    with run.phase("export"):
-        exp = export_model(model, tok, s, export_dir, default_side, default_pad)
+    exp = {}
+    if export:
+        with run.phase("export"):
+            exp = export_model(model, tok, s, export_dir, default_side, default_pad)
     return {"post_calibration": hook, "export": exp, "expert_coverage": coverage(counts),
             "batch_size": s["batch_size"]}

@@ -13,9 +13,9 @@ import pandas as pd
 from .. import amax
 from . import patches, state
 from .data import coverage
-from .driver import RESULT, SUMMARY
+from .driver import RESULT, SUMMARY, generic_export_dir
 from .resources import size
-from .settings import calib_plan
+from .settings import calib_plan, writes_generic_export
 
 FLAGS = ("qformat", "kv_cache_qformat", "recipe", "use_seq_device_map", "gpu_max_mem_percentage",
          "inference_tensor_parallel", "skip_generate")
@@ -40,7 +40,8 @@ def preflight_summary(facts: dict, q: dict, run_dir: str | Path) -> pd.DataFrame
                   f"{cfg.get('n_routed_experts')} routed experts, {size(res['model_bytes'])} of weights"),
         ("calibration", ", ".join(f"{n} samples from {d}" for d, n in zip(datasets, sizes))
          + f"; calib_seq {s['calib_seq']}; batch_size {s['batch_size']}; device {s['device']}"),
-        ("export (estimate)", size(res["export_bytes"])),
+        ("generic export (estimate)", size(res["export_bytes"]) if writes_generic_export(q) else
+         "not written (quantize.export_generic: false)"),
         ("calibrated state", "< 64 MiB" + (f" + full state {size(res['model_bytes'])}" if q["save_full_state"] else "")),
         ("host memory available", size(res["host_available"])),
     ]
@@ -136,9 +137,11 @@ def outputs_table(run_dir: str | Path, rec: dict) -> pd.DataFrame:
 
     man = state.load_manifest(run_dir / state.STATE_DIR)
     rows = []
-    export_dir = Path(rec["export"]["dir"]) if rec.get("export") else None
+    export_dir = generic_export_dir(rec)
     if export_dir is not None and export_dir.exists():
         rows.append(("export (unified HF, NVFP4)", str(export_dir), size(tree(export_dir))))
+    elif export_dir is None:
+        rows.append(("export (unified HF, NVFP4)", "not written (quantize.export_generic: false)", ""))
     rows.append(("calibrated state", str(run_dir / state.STATE_DIR), size(sum(v["size"] for v in man["files"].values()))))
     for what, name in (("amax snapshot", amax.SNAPSHOT), ("expert token counts", amax.TOKEN_COUNTS)):
         rows.append((what, str(run_dir / name), size(tree(run_dir / name))))
@@ -150,3 +153,17 @@ def outputs_table(run_dir: str | Path, rec: dict) -> pd.DataFrame:
 
 def token_counts(run_dir: str | Path) -> dict[str, list[int]]:
     return json.loads((Path(run_dir) / amax.TOKEN_COUNTS).read_text())
+
+
+def verify_generic_export(rec: dict, run_dir: str | Path, reference: str | Path | None) -> dict | None:
+    """`quantbook verify` on step 02's generic export, written to `verify-02.json` / `.md` in the run
+    directory; None when the run wrote none (`quantize.export_generic: false`): nothing to verify."""
+    from ..export import verify
+
+    export_dir = generic_export_dir(rec)
+    if export_dir is None:
+        return None
+    checked = verify.verify(export_dir, reference=reference, progress=False)
+    verify.write_result(checked, run_dir, stem="verify-02")
+    return checked
+

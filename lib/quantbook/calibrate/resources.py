@@ -2,9 +2,9 @@
 
 Memory for the model, as the driver says it holds it (`Driver.memory_need`: the whole BF16 model
 spread over the GPUs at `gpu_max_mem_percentage` then host memory, or one layer at a time), disk
-for the export, the calibrated state and a layerwise checkpoint, filesystems counted once. Every
-driver refuses a run that cannot fit before anything loads (`quantize.force: true` runs it anyway,
-loudly); the preflight (`quantbook preflight`) makes the same memory check from the configs alone,
+for the generic export (only with `export_generic: true`), the calibrated state and a layerwise
+checkpoint, filesystems counted once. Every driver refuses a run that cannot fit before anything
+loads (`quantize.force: true` runs it anyway, loudly); the preflight (`quantbook preflight`) makes the same memory check from the configs alone,
 before the BF16 copy exists.
 """
 
@@ -21,7 +21,7 @@ from ..release.format import bf16_groups, component
 from ..release.resume import filesystem, free_disk
 from ..release.shards import read_header
 from . import registry
-from .settings import HF_PTQ_DEFAULTS, calib_plan
+from .settings import HF_PTQ_DEFAULTS, calib_plan, writes_generic_export
 
 
 def size(n: int | float | None) -> str:
@@ -133,11 +133,13 @@ def estimate_resources(q: dict, run_dir: str | Path) -> dict:
     tensors = [(name, e.shape, e.nbytes) for shard in sorted(src.glob("*.safetensors"))
                for name, e in read_header(shard).tensors.items()]
     model_bytes = sum(n for _, _, n in tensors)
-    export = export_bytes(tensors, s)
+    export = export_bytes(tensors, s) if writes_generic_export(q) else 0  # 0: not written
     state_bytes, layerwise_bytes = run_dir_bytes(cfg, s, q, model_bytes)
-    export_dir = Path(s["export_path"])
-    disk = {"export": {"path": str(export_dir), "need": int(export * 1.05), "free": free_disk(export_dir)},
-            "run_dir": {"path": str(run_dir), "need": state_bytes + layerwise_bytes, "free": free_disk(Path(run_dir))}}
+    disk = {}
+    if export:
+        export_dir = Path(s["export_path"])
+        disk["export"] = {"path": str(export_dir), "need": int(export * 1.05), "free": free_disk(export_dir)}
+    disk["run_dir"] = {"path": str(run_dir), "need": state_bytes + layerwise_bytes, "free": free_disk(Path(run_dir))}
     host = psutil.virtual_memory().available
     gpus = []
     if s["device"] != "cpu":

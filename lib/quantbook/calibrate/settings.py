@@ -21,6 +21,7 @@ QUANTIZE_DEFAULTS = {
     "layerwise": False,
     "layerwise_save_every": 1,
     "save_full_state": False,
+    "export_generic": False,  # modelopt's generic export (not servable for V4; step 03 does not read it)
     "hf_ptq": {},
 }
 
@@ -118,6 +119,6 @@ def calib_plan(s: dict) -> tuple[list[str], list[int]]:
 
 
 def writes_generic_export(q: dict) -> bool:
-    """Whether step 02 writes modelopt's generic export at `hf_ptq.export_path` (today every driver
-    does; a `quantize.export_generic: false` setting turns it off where a driver supports that)."""
-    return q.get("export_generic", True) is not False
+    """Whether step 02 writes modelopt's generic export at `hf_ptq.export_path`: only when asked
+    (`quantize.export_generic: true`); no engine serves it for V4 and step 03 does not read it."""
+    return bool(q.get("export_generic", QUANTIZE_DEFAULTS["export_generic"]))

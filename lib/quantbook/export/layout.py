@@ -10,17 +10,25 @@ or its dict) keyed by quantizer names, modelopt's on the fused transformers expe
 ones (`layers.3.ffn.experts.7.w1.weight_quantizer`), so a streaming driver that calibrates
 straight from the release can call the same writer.
 
-The NVFP4 numbers are modelopt's own: each released FP4 expert weight is dequantized exactly
-(quantbook.dequant), then modelopt's NVFP4QTensor computes block scales and codes from a
-TensorQuantizer carrying the calibrated amax, the calls and dtypes modelopt's
-`_export_quantized_weight` makes. A test compares the bytes with modelopt's own export.
+The expert weights (export.nvfp4): by default carried from the release without loss (its codes
+kept, each E8M0 per-32 scale turned into E4M3 per-16 scales under one per-tensor scale; a block
+whose scale lies more than E4M3's range below its projection's largest is re-quantized, counted
+and named per tensor); with `cast_mxfp4_to_nvfp4: false` re-quantized from the calibrated weight
+amax with modelopt's own NVFP4 calls (a test compares the bytes with modelopt's own export).
+Calibration then only sets `input_scale`.
+
+MTP (`mtp_experts`): `released` (default, NVIDIA's form) keeps `mtp.*` byte for byte, MTP experts
+MXFP4: SGLang 0.5.23 drafts with them; vLLM 0.33 builds MTP experts NVFP4 whatever the config
+says and mis-loads MXFP4 ones silently. `nvfp4` writes the MTP experts in the four-tensor form
+(weights carried, `input_scale` from MTP's calibrated input amax; refused without them): vLLM
+drafts with them, SGLang mis-loads them (export.engines says why, and what each form serves).
 
 Amax rules (the contract): w1 and w3 share amax (max of the two), so their `weight_scale_2`
 and `input_scale` are bit-equal. A missing, zero, NaN, infinite or negative amax is filled and
 listed: weight amax from the projection's own weights, input amax from the largest valid input
-amax of the same projection in the model. No valid input amax at all: refuse.
+amax of the same projection in the model (MTP: in the MTP block). No valid input amax: refuse.
 
-Shards are written like step 01 (ShardWriter: `.partial`, fsync, rename) and recorded with size
+Shards are written like step 01 (`.partial`, fsync, rename; export.writer) and recorded with size
 and digest in `quantbook-layout.json`; a rerun with the same source, amax and options skips
 verified shards; index and configs are written only after every shard is whole.
 """
@@ -41,22 +49,32 @@ from ..amax import amax_problem, load_snapshot, parse_quantizer, split_key
 from ..errors import LayoutError
 from ..release import resume
 from ..release.dequant import dequant_fp4
-from ..release.format import FP4_GROUP, dequant_shape, expert_name, expert_prefix, shard_groups, shard_name
+from ..release.format import ExpertName, dequant_shape, expert_name, expert_prefix, shard_groups, shard_name
 from ..release.resume import Job, run_shards
-from ..release.shards import DTYPE_SIZE, HASH, INDEX_NAME, Checkpoint, ShardWriter, file_digest, torch_dtype
+from ..release.shards import DTYPE_SIZE, HASH, INDEX_NAME, Checkpoint, file_digest
+from . import nvfp4, writer
+from .engines import MTP_SERVING
+from .nvfp4 import GROUP
 
 LAYOUT = "v4-serving"
 LAYOUT_VERSION = 1
 MANIFEST = "quantbook-layout.json"
 HF_QUANT_CONFIG = "hf_quant_config.json"
-GROUP = 16  # NVFP4 block: one E4M3 scale per 16 inputs
-FP4_MAX, FP8_MAX = 6.0, 448.0
 # NVIDIA's published DeepSeek-V4-Pro-NVFP4 (../shared/reference/deepseek-v4/nvfp4-serving-layout/)
 PRODUCER = {"name": "modelopt", "version": "dsv4-nvfp4-experts"}
 IGNORE = ["*.attn.*", "*.ffn.shared_experts.*", "head", "mtp.*"]
+# MTP experts NVFP4: every other quantizable module of mtp.* still excluded (attention and shared
+# experts by the patterns above, the MTP router and projections by name), its experts not
+IGNORE_MTP_NVFP4 = ["*.attn.*", "*.ffn.shared_experts.*", "head", "mtp.*.ffn.gate", "mtp.*.e_proj", "mtp.*.h_proj"]
+MTP_EXPERTS = ("released", "nvfp4")
 # resolved amax columns per expert
 W13, W2, IN13, IN2 = range(4)
 COLUMNS = ("w13_weight", "w2_weight", "w13_input", "w2_input")
+
+
+def mtp_layers(config: dict) -> int:
+    """How many MTP blocks (`mtp.k`) the release holds."""
+    return config.get("num_nextn_predict_layers", 0)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -72,7 +90,8 @@ def release_expert_bf16(src: Checkpoint, prefix: str) -> torch.Tensor:
 
 @dataclass
 class ExpertAmax:
-    """Calibrated amax per routed-expert projection, keyed `layers.i.ffn.experts.j.wk` (fp32 0-d)."""
+    """Calibrated amax per routed-expert projection, keyed `layers.i.ffn.experts.j.wk` (fp32 0-d);
+    MTP experts' input amax keyed `mtp.k.ffn.experts.j.wk` when they are written NVFP4."""
 
     weight: dict[str, torch.Tensor] = field(default_factory=dict)
     input: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -88,30 +107,35 @@ def _scalar(key: str, v: torch.Tensor) -> torch.Tensor:
     return v.reshape(()).to(torch.float32)
 
 
-def expert_amax(amax, config: dict) -> ExpertAmax:
-    """Pick the routed-expert amax of the main layers out of a snapshot (path or dict).
+def expert_amax(amax, config: dict, mtp_experts: str = "released") -> ExpertAmax:
+    """Pick the routed-expert amax out of a snapshot (path or dict).
 
     modelopt's fused experts have one weight quantizer per expert for gate_up (w1 and w3 get the
     same value) and one input quantizer per projection shared by all experts of a layer (every
-    expert gets it). MTP experts stay MXFP4 and other quantizers are not part of this layout:
-    both are counted under `ignored`. Keys outside the config's layers or experts are refused.
+    expert gets it). MTP experts' input amax are taken with `mtp_experts: nvfp4` (their weights
+    are carried, so their weight amax are not used); other quantizers are not part of this
+    layout. What is not used is counted under `ignored`. Keys outside the config's layers or
+    experts are refused.
     """
     if isinstance(amax, (str, Path)):
         amax, _ = load_snapshot(amax)
-    L, E = config["num_hidden_layers"], config["n_routed_experts"]
+    E = config["n_routed_experts"]
+    layers = {"layers": config["num_hidden_layers"], "mtp": mtp_layers(config)}
     out = ExpertAmax()
 
     def ignore(why):
         out.ignored[why] = out.ignored.get(why, 0) + 1
 
-    def put(table, layer, expert, proj, value, key):
-        if not (0 <= layer < L):
-            raise LayoutError(f"amax {key}: layer {layer}, but config.json has {L} layers (another model's snapshot?)")
+    def put(table, block, layer, expert, proj, value, key):
+        if not (0 <= layer < layers[block]):
+            what = "MTP layers (num_nextn_predict_layers)" if block == "mtp" else "layers"
+            raise LayoutError(f"amax {key}: {block} layer {layer}, but config.json has {layers[block]} {what} "
+                              "(another model's snapshot?)")
         experts = range(E) if expert is None else [expert]
         if expert is not None and not (0 <= expert < E):
             raise LayoutError(f"amax {key}: expert {expert}, but config.json has {E} routed experts")
         for j in experts:
-            table[expert_prefix(layer, j, proj)] = value
+            table[expert_prefix(layer, j, proj, block)] = value
 
     for key, value in amax.items():
         qname, attr = split_key(key)
@@ -119,8 +143,8 @@ def expert_amax(amax, config: dict) -> ExpertAmax:
         if q.kind != "routed_expert":
             ignore(f"not a routed expert ({q.kind})")
             continue
-        if q.mtp:
-            ignore("MTP expert (stays MXFP4)")
+        if q.mtp and mtp_experts != "nvfp4":
+            ignore("MTP expert (mtp_experts: released keeps them MXFP4)")
             continue
         if attr == "_pre_quant_scale":
             raise LayoutError(f"amax {key}: a pre-quant scale (AWQ/SmoothQuant) has no place in the v4-serving layout")
@@ -130,9 +154,13 @@ def expert_amax(amax, config: dict) -> ExpertAmax:
         if q.role not in ("weight", "input"):
             ignore(f"{q.role} quantizer")
             continue
+        if q.mtp and q.role == "weight":
+            ignore("MTP weight amax (MTP expert weights are carried from the release)")
+            continue
         v = _scalar(key, value)
         for proj in q.projs:
-            put(out.weight if q.role == "weight" else out.input, q.layer, q.expert, proj, v, key)
+            put(out.weight if q.role == "weight" else out.input, "mtp" if q.mtp else "layers", q.layer, q.expert,
+                proj, v, key)
     return out
 
 
@@ -146,143 +174,116 @@ def _json_number(v: torch.Tensor | None):
 
 @dataclass
 class Resolved:
-    """Per main layer x expert, the four amax the layout uses (COLUMNS), plus what was filled."""
+    """Per layer x expert, the four amax the layout uses (COLUMNS), plus what was filled.
 
-    table: torch.Tensor  # float32 [layers, experts, 4]
+    Rows: the main layers, then (with `mtp_experts: nvfp4`) the MTP layers, input columns only."""
+
+    table: torch.Tensor  # float32 [layers (+ MTP layers), experts, 4]
     fills: list[dict]
     calibrated: dict[str, int]
+    main_layers: int = 0
 
     def digest(self) -> str:
         return hashlib.sha256(self.table.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
+    def row(self, x: ExpertName) -> torch.Tensor:
+        return self.table[x.layer if not x.mtp else self.main_layers + x.layer, x.expert]
 
-def resolve_amax(ea: ExpertAmax, config: dict, src: Checkpoint | None, use_weight_amax: bool = True) -> Resolved:
+    def amax(self, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight amax, input amax) of a projection (w1/w3 share theirs)."""
+        x = expert_name(prefix)
+        r = self.row(x)
+        return (r[W13], r[IN13]) if x.proj in ("w1", "w3") else (r[W2], r[IN2])
+
+
+_GROUPS = (("w13", ("w1", "w3"), W13, IN13), ("w2", ("w2",), W2, IN2))
+MTP_AMAX_HINT = ("the modelopt and hf_ptq drivers never run the MTP block (transformers drops mtp.* on load): "
+                 "calibrate with a driver that calibrates MTP (mtp.0.mlp.experts.*_input_quantizer in "
+                 "amax.safetensors), or keep export.mtp_experts: released")
+
+
+def _input_fallbacks(ea: ExpertAmax, block: str) -> dict[str, torch.Tensor]:
+    """The largest valid input amax of each projection group in `block` (the fill value); refuses none."""
+    fallback = {}
+    for group, projs, _, _ in _GROUPS:
+        keys = [k for k in ea.input if k.startswith(block + ".") and k.rsplit(".", 1)[1] in projs]
+        valid = [ea.input[k] for k in keys if amax_problem(ea.input[k]) is None]
+        if not valid:
+            if block == "mtp":
+                raise LayoutError(
+                    f"export.mtp_experts: nvfp4 needs the MTP block's calibrated input amax for its experts' "
+                    f"{'/'.join(projs)} ({len(keys)} present, none finite and > 0), and these amax have none: "
+                    f"{MTP_AMAX_HINT}")
+            raise LayoutError(
+                f"no usable calibrated input amax for the routed experts' {'/'.join(projs)} in any layer "
+                f"({len(keys)} present, none finite and > 0): refusing to export. Did calibration reach the experts?")
+        fallback[group] = torch.stack(valid).max()
+    return fallback
+
+
+def resolve_amax(ea: ExpertAmax, config: dict, src: Checkpoint | None, use_weight_amax: bool = True,
+                 mtp_experts: str = "released") -> Resolved:
     """Apply the contract's rules: fuse w1/w3, fill what is unusable, list every fill; refuse if nothing usable.
 
     Weight amax fills need the released weights (`src`); with `use_weight_amax=False` (the lossless
-    MXFP4 cast derives `weight_scale_2` from the released scales) weight amax is not needed.
+    carry derives `weight_scale_2` from the released scales) weight amax is not needed. MTP
+    experts (`mtp_experts: nvfp4`) need only input amax, filled within the MTP block.
     """
-    L, E = config["num_hidden_layers"], config["n_routed_experts"]
-    table = torch.zeros(L, E, 4, dtype=torch.float32)
+    L, E, M = config["num_hidden_layers"], config["n_routed_experts"], mtp_layers(config)
+    blocks = [("layers", L)] + ([("mtp", M)] if mtp_experts == "nvfp4" and M else [])
+    table = torch.zeros(sum(n for _, n in blocks), E, 4, dtype=torch.float32)
     fills: list[dict] = []
-    # input fill values: the largest valid input amax of the same projection in the model
-    fallback: dict[str, torch.Tensor] = {}
-    for group, projs in (("w13", ("w1", "w3")), ("w2", ("w2",))):
-        valid = [v for k, v in ea.input.items() if k.rsplit(".", 1)[1] in projs and amax_problem(v) is None]
-        if not valid:
-            raise LayoutError(
-                f"no usable calibrated input amax for the routed experts' {'/'.join(projs)} in any layer "
-                f"({sum(k.rsplit('.', 1)[1] in projs for k in ea.input)} present, none finite and > 0): refusing "
-                "to export. Did calibration reach the experts?")
-        fallback[group] = torch.stack(valid).max()
+    fallback = {block: _input_fallbacks(ea, block) for block, _ in blocks}
     if use_weight_amax and not any(amax_problem(v) is None for v in ea.weight.values()):
         raise LayoutError(f"no usable calibrated weight amax for any routed expert ({len(ea.weight)} present): "
                           "refusing to export")
-    calibrated = {"weight": 0, "input": 0}
-    for i in range(L):
-        for j in range(E):
-            prefix = f"layers.{i}.ffn.experts.{j}"
-            for group, projs, wcol, icol in (("w13", ("w1", "w3"), W13, IN13), ("w2", ("w2",), W2, IN2)):
-                ins, ws = [], []
-                for p in projs:
-                    name = f"{prefix}.{p}"
-                    v = ea.input.get(name)
-                    why = amax_problem(v)
-                    if why is None:
-                        ins.append(v)
-                        calibrated["input"] += 1
-                    else:
-                        fills.append({"projection": name, "amax": "input", "found": why,
-                                      "value": _json_number(v),
-                                      "filled_with": float(fallback[group]),
-                                      "rule": f"largest calibrated {'/'.join(projs)} input amax in the model"})
-                        ins.append(fallback[group])
-                    if not use_weight_amax:
-                        continue
-                    v = ea.weight.get(name)
-                    why = amax_problem(v)
-                    if why is None:
-                        ws.append(v)
-                        calibrated["weight"] += 1
-                    else:
-                        if src is None:
-                            raise LayoutError(f"{name}: weight amax {why} and no release to compute it from")
-                        own = release_expert_bf16(src, name).abs().amax().float()
-                        if amax_problem(own) is not None:
-                            raise LayoutError(f"{name}: weight amax {why}, and the released weights give {float(own)}")
-                        fills.append({"projection": name, "amax": "weight", "found": why,
-                                      "value": _json_number(v), "filled_with": float(own),
-                                      "rule": "max |w| of its own released weights"})
-                        ws.append(own)
-                table[i, j, icol] = torch.stack(ins).max()
-                if use_weight_amax:
-                    table[i, j, wcol] = torch.stack(ws).max()
-    return Resolved(table, fills, calibrated)
+    calibrated = {"weight": 0, "input": 0, **({"mtp_input": 0} if len(blocks) > 1 else {})}
+    row = 0
+    for block, n in blocks:
+        where = "the MTP block" if block == "mtp" else "the model"
+        weights = use_weight_amax and block == "layers"
+        for i in range(n):
+            for j in range(E):
+                for group, projs, wcol, icol in _GROUPS:
+                    ins, ws = [], []
+                    for proj in projs:
+                        name = expert_prefix(i, j, proj, block)
+                        v = ea.input.get(name)
+                        why = amax_problem(v)
+                        if why is None:
+                            ins.append(v)
+                            calibrated["mtp_input" if block == "mtp" else "input"] += 1
+                        else:
+                            fills.append({"projection": name, "amax": "input", "found": why, "value": _json_number(v),
+                                          "filled_with": float(fallback[block][group]),
+                                          "rule": f"largest calibrated {'/'.join(projs)} input amax in {where}"})
+                            ins.append(fallback[block][group])
+                        if weights:
+                            w, filled = _weight_amax(ea, src, name, fills)
+                            ws.append(w)
+                            calibrated["weight"] += not filled
+                    table[row + i, j, icol] = torch.stack(ins).max()
+                    if weights:
+                        table[row + i, j, wcol] = torch.stack(ws).max()
+        row += n
+    return Resolved(table, fills, calibrated, L)
 
 
-# ----------------------------------------------------------------------------- NVFP4 math (modelopt's)
-
-_MODELOPT: dict = {}
-
-
-def _modelopt():
-    """modelopt's NVFP4 pieces, imported once (the import takes ~10 s)."""
-    if not _MODELOPT:
-        from modelopt.torch.quantization.config import QuantizerAttributeConfig
-        from modelopt.torch.quantization.nn import TensorQuantizer
-        from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
-
-        _MODELOPT.update(NVFP4QTensor=NVFP4QTensor, TensorQuantizer=TensorQuantizer,
-                         QuantizerAttributeConfig=QuantizerAttributeConfig)
-    return _MODELOPT
-
-
-def nvfp4_quantizer(amax: torch.Tensor):
-    """A modelopt TensorQuantizer as NVFP4_EXPERTS_ONLY_CFG builds it for experts, holding `amax`."""
-    m = _modelopt()
-    q = m["TensorQuantizer"](m["QuantizerAttributeConfig"](
-        num_bits=(2, 1), block_sizes={-1: GROUP, "type": "dynamic", "scale_bits": (4, 3)}))
-    q.amax = amax.reshape(()).to(torch.float32)
-    return q
-
-
-def weight_scale_2(weight_amax: torch.Tensor) -> torch.Tensor:
-    """Per-tensor scale, modelopt's `get_weights_scaling_factor_2_from_quantizer` (amax / (6*448))."""
-    nv = _modelopt()["NVFP4QTensor"]
-    return nv.get_weights_scaling_factor_2_from_quantizer(nvfp4_quantizer(weight_amax)).reshape(())
-
-
-def input_scale(input_amax: torch.Tensor) -> torch.Tensor:
-    """Activation scale, modelopt's `get_activation_scaling_factor` (amax / (6*448))."""
-    nv = _modelopt()["NVFP4QTensor"]
-    return nv.get_activation_scaling_factor(nvfp4_quantizer(input_amax)).reshape(())
-
-
-def quantize_nvfp4(w: torch.Tensor, ws2: torch.Tensor, block_scale: torch.Tensor | None = None):
-    """BF16 [out, in] -> (packed codes U8 [out, in/2], E4M3 scales [out, in/16]) with modelopt's calls.
-
-    As `_export_quantized_weight` does: block scales from `get_weights_scaling_factor(weight, 16,
-    weight_scale_2)`, codes from `NVFP4QTensor.quantize(weight, 16, scales, weight_scale_2)`.
-    `block_scale` overrides the scales (the lossless MXFP4 cast).
-    """
-    nv = _modelopt()["NVFP4QTensor"]
-    ws2 = ws2.to(w.device)
-    if block_scale is None:
-        block_scale = nv.get_weights_scaling_factor(w, GROUP, ws2)[0]
-    codes = nv.quantize(w, GROUP, block_scale.to(w.device), ws2)[0]._quantized_data
-    return codes, block_scale
-
-
-def cast_scales(k: torch.Tensor, k_max: int):
-    """Lossless MXFP4 -> NVFP4 scales for one projection: (E4M3 [out, in/16], ws2, lossless mask per 32-block).
-
-    k = E8M0 exponent per 32-block; `weight_scale_2 = 2^(k_max-8)`, each 16-block's scale
-    `2^(k_j-(k_max-8))`, exact in E4M3 while k_max - k_j <= 17 (2^-9 is E4M3's smallest value).
-    """
-    rel = (k - (k_max - 8)).to(torch.float32)  # exponent of the 16-block scale, <= 8
-    lossless = (k_max - k) <= 17
-    scale = torch.exp2(rel.clamp(min=-9)).repeat_interleave(2, dim=1).to(torch.float8_e4m3fn)
-    return scale, torch.tensor(2.0 ** (k_max - 8), dtype=torch.float32), lossless
+def _weight_amax(ea: ExpertAmax, src: Checkpoint | None, name: str, fills: list) -> tuple[torch.Tensor, bool]:
+    """(The projection's calibrated weight amax, False), or (max |w| of its released weights, True),
+    that fill listed in `fills`."""
+    v = ea.weight.get(name)
+    why = amax_problem(v)
+    if why is None:
+        return v, False
+    if src is None:
+        raise LayoutError(f"{name}: weight amax {why} and no release to compute it from")
+    own = release_expert_bf16(src, name).abs().amax().float()
+    if amax_problem(own) is not None:
+        raise LayoutError(f"{name}: weight amax {why}, and the released weights give {float(own)}")
+    fills.append({"projection": name, "amax": "weight", "found": why, "value": _json_number(v),
+                  "filled_with": float(own), "rule": "max |w| of its own released weights"})
+    return own, True
 
 
 # ----------------------------------------------------------------------------- plan
@@ -318,11 +319,17 @@ class LayoutPlan:
     def bytes_out(self) -> int:
         return sum(j.bytes_out for j in self.jobs)
 
+    def carried(self, prefix: str) -> bool:
+        """Is this projection's weight carried from the release (always, for MTP experts)?"""
+        return self.options["cast_mxfp4_to_nvfp4"] or expert_name(prefix).mtp
 
-def _released_main_expert(name: str):
-    """The parsed name of a main layer's released routed-expert `.weight` or `.scale`, else None."""
+
+def converted_expert(name: str, mtp_experts: str = "released") -> ExpertName | None:
+    """The parsed name of a released routed-expert `.weight` or `.scale` this layout replaces, else None."""
     x = expert_name(name)
-    return x if x is not None and not x.mtp and x.tensor in ("weight", "scale") else None
+    if x is None or x.tensor not in ("weight", "scale"):
+        return None
+    return x if not x.mtp or mtp_experts == "nvfp4" else None
 
 
 def expert_entries(prefix: str, shape: tuple[int, int]) -> list:
@@ -334,7 +341,7 @@ def expert_entries(prefix: str, shape: tuple[int, int]) -> list:
             (f"{prefix}.input_scale", "F32", ())]
 
 
-def shard_bytes(config: dict) -> dict[str, int]:
+def shard_bytes(config: dict, mtp_experts: str = "released") -> dict[str, int]:
     """Each output shard's size from the release's config alone (what `plan` plans, without amax
     or headers): the preflight's disk check for step 03."""
     groups = shard_groups(config)
@@ -342,7 +349,7 @@ def shard_bytes(config: dict) -> dict[str, int]:
     for i, group in enumerate(groups, start=1):
         n = 0
         for spec in group:
-            x = _released_main_expert(spec.name)
+            x = converted_expert(spec.name, mtp_experts)
             if x is None:
                 n += spec.nbytes
             elif x.tensor == "weight":
@@ -351,42 +358,55 @@ def shard_bytes(config: dict) -> dict[str, int]:
     return out
 
 
-def plan(src: str | Path, dst: str | Path, amax, cast_mxfp4_to_nvfp4: bool = False) -> LayoutPlan:
+def check_options(cast_mxfp4_to_nvfp4, mtp_experts) -> None:
+    if not isinstance(cast_mxfp4_to_nvfp4, bool):
+        raise LayoutError(f"cast_mxfp4_to_nvfp4: {cast_mxfp4_to_nvfp4!r}; write true (carry the released weights "
+                          "without loss) or false (re-quantize them from the calibrated weight amax)")
+    if mtp_experts not in MTP_EXPERTS:
+        raise LayoutError(f"mtp_experts: {mtp_experts!r}; choose one of {list(MTP_EXPERTS)} "
+                          f"(released: {MTP_SERVING['released']['drafts_correctly_on']} drafts correctly; "
+                          f"nvfp4: {MTP_SERVING['nvfp4']['drafts_correctly_on']} does)")
+
+
+def plan(src: str | Path, dst: str | Path, amax, cast_mxfp4_to_nvfp4: bool = True,
+         mtp_experts: str = "released") -> LayoutPlan:
     """Validate the release (every header, name, dtype, shape) and the amax, and plan every output shard."""
     from ..release.convert import plan as release_plan
 
+    check_options(cast_mxfp4_to_nvfp4, mtp_experts)
     src, dst = Path(src).resolve(), Path(dst).resolve()
     rp = release_plan(src, dst)  # refuses anything outside the V4 release format
     config = rp.config
     if config.get("expert_dtype", "fp4") != "fp4":
         raise LayoutError(f"{src}: expert_dtype {config.get('expert_dtype')!r}; the v4-serving writer takes the "
                           "FP4-expert release (base models with FP8 experts are not supported)")
+    if mtp_experts == "nvfp4" and not mtp_layers(config):
+        raise LayoutError(f"{src}: mtp_experts nvfp4, but config.json has no MTP layer (num_nextn_predict_layers)")
     reader = Checkpoint(src)
     amax_info = {"origin": str(amax) if isinstance(amax, (str, Path)) else "in-memory"}
     if isinstance(amax, (str, Path)):
         amax_info[HASH] = file_digest(amax)
-    ea = expert_amax(amax, config)
+    ea = expert_amax(amax, config, mtp_experts)
     amax_info["ignored"] = ea.ignored
-    resolved = resolve_amax(ea, config, reader, use_weight_amax=not cast_mxfp4_to_nvfp4)
+    resolved = resolve_amax(ea, config, reader, use_weight_amax=not cast_mxfp4_to_nvfp4, mtp_experts=mtp_experts)
 
     jobs, weight_map = [], {}
     for shard in reader.shards:
         hd = reader.header(shard)
         entries, ops = [], []
         for e in sorted(hd.tensors.values(), key=lambda e: e.start):
-            x = _released_main_expert(e.name)
+            x = converted_expert(e.name, mtp_experts)
             if x and x.tensor == "scale":
                 continue
             if x:
-                new = expert_entries(x.prefix, (e.shape[0], e.shape[1] * 2))
-                entries += new
+                entries += expert_entries(x.prefix, (e.shape[0], e.shape[1] * 2))
                 ops.append(("expert", x.prefix))
             else:
                 entries.append((e.name, e.dtype, e.shape))
                 ops.append(("copy", e))
         jobs.append(ShardJob(shard, entries, ops))
     for name, shard in reader.weight_map.items():  # keep the release's index order
-        x = _released_main_expert(name)
+        x = converted_expert(name, mtp_experts)
         if x and x.tensor == "scale":
             continue
         if x:
@@ -394,7 +414,8 @@ def plan(src: str | Path, dst: str | Path, amax, cast_mxfp4_to_nvfp4: bool = Fal
                 weight_map[n] = shard
         else:
             weight_map[name] = shard
-    options = {"layout": LAYOUT, "layout_version": LAYOUT_VERSION, "cast_mxfp4_to_nvfp4": bool(cast_mxfp4_to_nvfp4)}
+    options = {"layout": LAYOUT, "layout_version": LAYOUT_VERSION, "cast_mxfp4_to_nvfp4": cast_mxfp4_to_nvfp4,
+               "mtp_experts": mtp_experts}
     p = LayoutPlan(src, dst, config, rp.source_id, jobs, weight_map,
                    {k: v for k, v in (reader.index.get("metadata") or {}).items() if k != "total_size"},
                    rp.extra_files, options, resolved, amax_info)
@@ -405,14 +426,26 @@ def plan(src: str | Path, dst: str | Path, amax, cast_mxfp4_to_nvfp4: bool = Fal
 
 
 # ----------------------------------------------------------------------------- configs
+# Engines read only a few of these keys (export.engines): vLLM's MTP draft builds its experts NVFP4
+# from moe_quant_algo alone and SGLang's MXFP4 whatever the files say. With NVFP4 MTP experts,
+# quantized_layers lists them (TensorRT-LLM reads it per layer) and ignore / exclude_modules no
+# longer cover them but still every other quantizable module of mtp.*, so that the files describe
+# what the shards hold.
 
 
-def quantized_layers(config: dict) -> dict:
-    return {f"layers.{i}.ffn.experts": {"group_size": GROUP, "quant_algo": "NVFP4"}
-            for i in range(config["num_hidden_layers"])}
+def quantized_layers(config: dict, mtp_experts: str = "released") -> dict:
+    blocks = [f"layers.{i}" for i in range(config["num_hidden_layers"])]
+    if mtp_experts == "nvfp4":
+        blocks += [f"mtp.{k}" for k in range(mtp_layers(config))]
+    return {f"{b}.ffn.experts": {"group_size": GROUP, "quant_algo": "NVFP4"} for b in blocks}
 
 
-def serving_config(config: dict) -> dict:
+def ignore_patterns(mtp_experts: str = "released") -> list[str]:
+    """Module patterns kept out of NVFP4: `ignore` in config.json, `exclude_modules` in hf_quant_config.json."""
+    return list(IGNORE_MTP_NVFP4 if mtp_experts == "nvfp4" else IGNORE)
+
+
+def serving_config(config: dict, mtp_experts: str = "released") -> dict:
     """The release's config.json with the contract's `quantization_config` (FP8 keys kept)."""
     out = dict(config)
     qc = dict(config.get("quantization_config") or {})
@@ -428,111 +461,25 @@ def serving_config(config: dict) -> dict:
             "weights": {"dynamic": False, "group_size": GROUP, "num_bits": 4, "type": "float"},
         }},
         "group_size": GROUP,
-        "ignore": list(IGNORE),
+        "ignore": ignore_patterns(mtp_experts),
         "kv_cache_quant_algo": None,
         "moe_quant_algo": "NVFP4",
         "producer": dict(PRODUCER),
         "quant_algo": "MIXED_PRECISION",
-        "quantized_layers": quantized_layers(config),
+        "quantized_layers": quantized_layers(config, mtp_experts),
     })
     out["quantization_config"] = dict(sorted(qc.items()))
     return out
 
 
-def hf_quant_config(config: dict) -> dict:
+def hf_quant_config(config: dict, mtp_experts: str = "released") -> dict:
     """`hf_quant_config.json`, mirroring config.json's quantization_config."""
     return {"producer": dict(PRODUCER), "quantization": {
         "quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None, "group_size": GROUP,
-        "quantized_layers": quantized_layers(config), "exclude_modules": list(IGNORE)}}
+        "quantized_layers": quantized_layers(config, mtp_experts), "exclude_modules": ignore_patterns(mtp_experts)}}
 
 
 # ----------------------------------------------------------------------------- writing
-
-
-def _device_tensor(t: torch.Tensor, device: str) -> torch.Tensor:
-    return t if device == "cpu" else t.to(device)
-
-
-class _Expert:
-    """Builds the four tensors of one expert projection (and, when casting, reads w1/w3 scales)."""
-
-    def __init__(self, p: LayoutPlan, reader: Checkpoint, device: str):
-        self.p, self.reader, self.device = p, reader, device
-        self.cast = p.options["cast_mxfp4_to_nvfp4"]
-        self.blocks = 0
-        self.lossless = 0
-        self.own: dict = {}  # (layer, expert, group) -> {proj: max |w| of the released weights}
-        self.mismatch: list[dict] = []
-
-    def _k(self, prefix: str) -> torch.Tensor:
-        s = self.reader.tensor(f"{prefix}.scale").view(torch.uint8)
-        if bool((s == 0xFF).any()):
-            raise LayoutError(f"{prefix}.scale: E8M0 NaN (0xFF) in the release")
-        return s.to(torch.int32) - 127
-
-    def tensors(self, prefix: str) -> list[torch.Tensor]:
-        x = expert_name(prefix)
-        i, j, proj = x.layer, x.expert, x.proj
-        row = self.p.resolved.table[i, j]
-        fused = proj in ("w1", "w3")
-        isc = input_scale(row[IN13 if fused else IN2])
-        w = _device_tensor(release_expert_bf16(self.reader, prefix), self.device)
-        if not self.cast:
-            ws2 = weight_scale_2(row[W13 if fused else W2])
-            codes, scale = quantize_nvfp4(w, ws2)
-            self._compare_with_release(i, j, proj, float(w.abs().amax()), float(row[W13 if fused else W2]))
-        else:
-            k = self._k(prefix)
-            group = [expert_prefix(i, j, q) for q in (("w1", "w3") if fused else ("w2",))]
-            k_max = max(int(self._k(g).max()) if g != prefix else int(k.max()) for g in group)
-            scale, ws2, lossless = cast_scales(k, k_max)
-            codes, scale = quantize_nvfp4(w, ws2, _device_tensor(scale, self.device))
-            # lossless 32-blocks keep the released codes exactly (even the -0 code 8)
-            released = self.reader.tensor(f"{prefix}.weight").view(torch.uint8)
-            keep = lossless.repeat_interleave(FP4_GROUP // 2, dim=1)
-            codes = torch.where(_device_tensor(keep, self.device), _device_tensor(released, self.device), codes)
-            self.blocks += lossless.numel()
-            self.lossless += int(lossless.sum())
-        return [codes.cpu().contiguous(), scale.cpu().contiguous(), ws2.cpu().reshape(()).contiguous(),
-                isc.cpu().reshape(()).contiguous()]
-
-
-    def _compare_with_release(self, i: int, j: int, proj: str, own: float, amax: float) -> None:
-        """Max calibration on the BF16 copy of this release gives weight amax = max |w| exactly (w1/w3:
-        the max of both); anything else means amax from another model, other weights or another method."""
-        group = ("w1", "w3") if proj in ("w1", "w3") else ("w2",)
-        seen = self.own.setdefault((i, j, group), {})
-        seen[proj] = own
-        if len(seen) == len(group) and max(seen.values()) != amax:
-            self.mismatch.append({"projection": f"layers.{i}.ffn.experts.{j}.{'/'.join(group)}", "amax": amax,
-                                  "release_max": max(seen.values())})
-
-
-def write_shard(job: ShardJob, p: LayoutPlan, reader: Checkpoint, device: str = "cpu", on_bytes=None) -> dict:
-    """Write one output shard atomically; returns its size and digest (and cast counts)."""
-    ex = _Expert(p, reader, device)
-    at = 0
-    with ShardWriter(p.dst / job.name, job.entries, metadata={"format": "pt"}) as writer:
-        for kind, what in job.ops:
-            before = writer.written
-            if kind == "copy":
-                writer.copy_range(reader.dir / job.name, what.start, what.nbytes)
-                at += 1
-            else:
-                for t, (name, dtype, shape) in zip(ex.tensors(what), job.entries[at: at + 4]):
-                    if t.dtype != torch_dtype(dtype) or tuple(t.shape) != tuple(shape):
-                        raise AssertionError(f"{name}: built {t.dtype}{list(t.shape)}, planned {dtype}{list(shape)}")
-                    writer.write(t.view(torch.uint8).numpy() if t.dim() else t.reshape(1).view(torch.uint8).numpy())
-                at += 4
-            if on_bytes:
-                on_bytes(writer.written - before)
-        size, digest = writer.finish()
-    rec = {"size": size, HASH: digest}
-    if ex.mismatch:
-        rec["weight_amax_not_release_max"] = ex.mismatch
-    if ex.cast:
-        rec["cast_blocks"], rec["cast_lossless"] = ex.blocks, ex.lossless
-    return rec
 
 
 def check_destination(p: LayoutPlan) -> None:
@@ -547,24 +494,31 @@ def check_destination(p: LayoutPlan) -> None:
     resume.check_destination(p.src, p.dst, MANIFEST, p.jobs, foreign, what="export directory")
 
 
-def run(p: LayoutPlan, workers: int = 2, device: str = "cpu", progress: bool = True) -> dict:
-    """Write every shard not already done and verified, then side files, index and configs; returns the report."""
+def run(p: LayoutPlan, workers: int = 2, device: str = "cpu", progress: bool = True, method: str | None = None,
+        threads: int | None = None, window: int | None = None) -> dict:
+    """Write every shard not already done and verified, then side files, index and configs; returns the report.
+
+    `workers` shards at a time; inside each, `threads` compute threads ahead of the writer and
+    `window` projections per task (export.writer.Settings); `method` re-quantizes with `table`
+    (CPU) or `modelopt` (batched, the default on CUDA)."""
     check_destination(p)
     reader = Checkpoint(p.src)
     if any(not (p.dst / j.name).exists() for j in p.jobs):
-        _modelopt()
-    jobs = [Job(j.name, j.bytes_out, partial(write_shard, j, p, reader, device)) for j in p.jobs]
+        nvfp4.modelopt()  # the ~10 s import, once, before the workers start
+    settings = writer.Settings(p.carried, p.resolved.amax, device, method, threads, window)
+    jobs = [Job(j.name, j.bytes_out, partial(writer.write_shard, p.dst / j.name, j.entries, j.ops, reader, settings))
+            for j in p.jobs]
     fresh = {"kind": "quantbook.layout", "layout": LAYOUT, "source": str(p.src), "source_id": p.source_id,
              "options": p.options, "identity": p.identity, "amax": p.amax_info, "complete": False}
     manifest, skipped = run_shards(p.dst, MANIFEST, fresh, jobs, workers, device, "v4-serving", progress,
                                    stale_finals=("config.json", HF_QUANT_CONFIG, INDEX_NAME))
-    dst = p.dst
+    dst, mtp = p.dst, p.options["mtp_experts"]
     for name in p.extra_files:
         atomic.write_bytes(dst / name, (p.src / name).read_bytes())
     atomic.write_json(dst / INDEX_NAME, {"metadata": {**p.index_metadata, "total_size": p.bytes_out},
                                          "weight_map": p.weight_map})
-    atomic.write_json(dst / HF_QUANT_CONFIG, hf_quant_config(p.config))
-    atomic.write_json(dst / "config.json", serving_config(p.config))
+    atomic.write_json(dst / HF_QUANT_CONFIG, hf_quant_config(p.config, mtp))
+    atomic.write_json(dst / "config.json", serving_config(p.config, mtp))
     report = layout_report(p, manifest["shards"], skipped=skipped, written=len(p.jobs) - skipped)
     manifest.update(complete=True, report=report)
     atomic.write_json(dst / MANIFEST, manifest)
@@ -573,9 +527,10 @@ def run(p: LayoutPlan, workers: int = 2, device: str = "cpu", progress: bool = T
 
 def layout_report(p: LayoutPlan, shards: dict, skipped: int, written: int) -> dict:
     """What the export holds and what had to be filled, for the manifest, CLI and notebook."""
-    L, E = p.config["num_hidden_layers"], p.config["n_routed_experts"]
+    L, E, M = p.config["num_hidden_layers"], p.config["n_routed_experts"], mtp_layers(p.config)
     fills = p.resolved.fills
     count = lambda what: sum(f["amax"] == what for f in fills)  # noqa: E731
+    mtp = p.options["mtp_experts"]
     report = {
         "layout": LAYOUT, "export": str(p.dst), "source": str(p.src),
         "experts": L * E, "projections": L * E * 3, "tensors": len(p.weight_map),
@@ -585,20 +540,26 @@ def layout_report(p: LayoutPlan, shards: dict, skipped: int, written: int) -> di
         "experts_filled": len({f["projection"].rsplit(".", 1)[0] for f in fills}),
         "fills": fills, "ignored_amax": p.amax_info.get("ignored", {}),
         "options": p.options, "amax_sha256": p.resolved.digest(),
-        "weight_amax_not_release_max": [m for r in shards.values() for m in r.get("weight_amax_not_release_max", [])],
+        "weight_amax_not_release_max": sorted(
+            (m for r in shards.values() for m in r.get("weight_amax_not_release_max", [])),
+            key=lambda m: m["projection"]),
+        "mtp_experts": {"form": mtp, "projections": M * E * 3 if mtp == "nvfp4" else 0, **MTP_SERVING[mtp]},
     }
-    if p.options["cast_mxfp4_to_nvfp4"]:
+    if any("cast_blocks" in r for r in shards.values()):
         blocks = sum(r.get("cast_blocks", 0) for r in shards.values())
         lossless = sum(r.get("cast_lossless", 0) for r in shards.values())
-        report["cast"] = {"blocks": blocks, "lossless": lossless, "lossy": blocks - lossless}
+        lossy = dict(sorted((n, c) for r in shards.values() for n, c in r.get("cast_lossy", {}).items()))
+        report["cast"] = {"blocks": blocks, "lossless": lossless, "lossy": blocks - lossless, "lossy_tensors": lossy}
     return report
 
 
-def write_serving_layout(source, amax, dst, cast_mxfp4_to_nvfp4: bool = False, workers: int = 2,
-                         device: str = "cpu", progress: bool = True) -> dict:
-    """plan -> check -> run: the one call behind step 03's v4-serving export (and 02's, after calibration)."""
-    p = plan(source, dst, amax, cast_mxfp4_to_nvfp4=cast_mxfp4_to_nvfp4)
-    return run(p, workers=workers, device=device, progress=progress)
+def write_serving_layout(source, amax, dst, cast_mxfp4_to_nvfp4: bool = True, mtp_experts: str = "released",
+                         workers: int = 2, device: str = "cpu", progress: bool = True, **tuning) -> dict:
+    """plan -> check -> run: the one call behind step 03's v4-serving export (and 02's, after calibration).
+
+    `tuning`: `method`, `threads`, `window` of `run` (same bytes whatever they are)."""
+    p = plan(source, dst, amax, cast_mxfp4_to_nvfp4=cast_mxfp4_to_nvfp4, mtp_experts=mtp_experts)
+    return run(p, workers=workers, device=device, progress=progress, **tuning)
 
 
 def report_summary(report: dict) -> str:
@@ -618,7 +579,20 @@ def report_summary(report: dict) -> str:
         lines.append(f"  WARNING: {len(odd)} expert weight amax differ from max |w| of the release's weights "
                      f"(e.g. {odd[0]['projection']}: {odd[0]['amax']:.6g} vs {odd[0]['release_max']:.6g}): amax "
                      "from another model, other weights or not max calibration")
+    if report["options"].get("cast_mxfp4_to_nvfp4", True):
+        lines.append("  expert weights carried from the release (cast_mxfp4_to_nvfp4: true)")
+    else:
+        lines.append("  expert weights re-quantized from the calibrated weight amax (cast_mxfp4_to_nvfp4: false)")
     if "cast" in report:
         c = report["cast"]
-        lines.append(f"  MXFP4 -> NVFP4 cast: {c['lossless']:,} of {c['blocks']:,} 32-blocks lossless")
+        lines.append(f"  carried: {c['lossless']:,} of {c['blocks']:,} 32-blocks exactly as released; {c['lossy']:,} "
+                     f"re-quantized (scale more than E4M3's range below the projection's largest) in "
+                     f"{len(c['lossy_tensors'])} tensors")
+        for name, n in list(c["lossy_tensors"].items())[:10]:
+            lines.append(f"    {name}: {n} blocks re-quantized")
+        if len(c["lossy_tensors"]) > 10:
+            lines.append(f"    ... {len(c['lossy_tensors']) - 10} more tensors in {MANIFEST}")
+    m = report.get("mtp_experts")
+    if m:
+        lines.append(f"  MTP experts: {m['form']} ({m['drafts_correctly_on']} drafts correctly). {m['note']}")
     return "\n".join(lines)

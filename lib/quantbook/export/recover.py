@@ -44,7 +44,8 @@ EXPORT_DEFAULTS = {
     "layout": "v4-serving",
     "source": None,  # the release (FP8/FP4) directory: the v4-serving layout is built from it
     "dir": None,  # where the export goes
-    "cast_mxfp4_to_nvfp4": False,
+    "cast_mxfp4_to_nvfp4": True,  # carry the released expert weights without loss (false: re-quantize from amax)
+    "mtp_experts": "released",  # released (MXFP4, SGLang drafts correctly) | nvfp4 (vLLM drafts correctly)
     "reference": None,  # the BF16 checkpoint from step 01: the numeric check, and the generic export's model
     "workers": 2,
     "device": "cpu",
@@ -65,8 +66,14 @@ def export_settings(e: dict | None) -> dict:
         raise ParamsError("export.dir: required (where the export is written)")
     if e["layout"] == "v4-serving" and not e["source"]:
         raise ParamsError("export.source: required for the v4-serving layout (the released FP8/FP4 checkpoint)")
-    if e["cast_mxfp4_to_nvfp4"] and e["layout"] != "v4-serving":
-        raise ParamsError("export.cast_mxfp4_to_nvfp4: only with layout v4-serving")
+    if not isinstance(e["cast_mxfp4_to_nvfp4"], bool):
+        raise ParamsError(f"export.cast_mxfp4_to_nvfp4: {e['cast_mxfp4_to_nvfp4']!r}; write true or false")
+    from .layout import MTP_EXPERTS
+
+    if e["mtp_experts"] not in MTP_EXPERTS:
+        raise ParamsError(f"export.mtp_experts: {e['mtp_experts']!r}; choose one of {list(MTP_EXPERTS)}")
+    if e["layout"] != "v4-serving" and e["mtp_experts"] != "released":
+        raise ParamsError("export.mtp_experts: nvfp4 only with layout v4-serving")
     return e
 
 
@@ -123,7 +130,7 @@ def _row(rows: list, check: str, status: str, detail: str) -> None:
 
 
 def validate_state(run_dir: str | Path, model_path: str | Path | None = None, source: str | Path | None = None,
-                   layout: str = "v4-serving") -> dict:
+                   layout: str = "v4-serving", mtp_experts: str = "released") -> dict:
     """Check a run's saved calibrated state without loading the model; a verdict and a table.
 
     Verdict `ok` (warnings allowed: e.g. uncalibrated experts the export fills and lists) or
@@ -202,13 +209,14 @@ def validate_state(run_dir: str | Path, model_path: str | Path | None = None, so
             _row(rows, "weight amax", WARN, f"{len(weight_bad)} weight amax NaN/inf/negative (e.g. {weight_bad[0]}): "
                                             "the v4-serving export recomputes them from the released weights")
         if layout == "v4-serving":
-            rows.append(_serving_feasibility(amax, source, model_path or (manifest or {}).get("model", {}).get("path")))
+            rows.append(_serving_feasibility(amax, source, model_path or (manifest or {}).get("model", {}).get("path"),
+                                             mtp_experts))
     refused = any(r["status"] == FAIL for r in rows)
     return {"run_dir": str(run_dir), "verdict": "refused" if refused else "ok", "layout": layout,
             "amax_origin": origin, "checks": rows}
 
 
-def _serving_feasibility(amax: dict, source, model_path) -> dict:
+def _serving_feasibility(amax: dict, source, model_path, mtp_experts: str = "released") -> dict:
     """Can the v4-serving layout be written from these amax (a config is needed to map experts)?"""
     from ..release.format import load_config
     from .layout import expert_amax, resolve_amax
@@ -219,9 +227,9 @@ def _serving_feasibility(amax: dict, source, model_path) -> dict:
         return {**row, "status": WARN, "detail": "no release or model config.json to map the experts"}
     cfg = load_config(cfg_dir)
     try:
-        ea = expert_amax(amax, cfg)
+        ea = expert_amax(amax, cfg, mtp_experts)
         # weight fills need the released weights; here only count them
-        res = resolve_amax(ea, cfg, None, use_weight_amax=False)
+        res = resolve_amax(ea, cfg, None, use_weight_amax=False, mtp_experts=mtp_experts)
     except LayoutError as e:
         return {**row, "status": FAIL, "detail": str(e)}
     L, E = cfg["num_hidden_layers"], cfg["n_routed_experts"]
@@ -319,6 +327,7 @@ def export(e: dict, run_dir: str | Path, progress: bool = True, verify_stem: str
 
             amax, origin = amax_from_state_files(run_dir)
             report = write_serving_layout(e["source"], amax, e["dir"], cast_mxfp4_to_nvfp4=e["cast_mxfp4_to_nvfp4"],
+                                          mtp_experts=e["mtp_experts"],
                                           workers=e["workers"], device=e["device"], progress=progress)
             rec.update(amax_origin=origin, layout_report={k: v for k, v in report.items() if k != "fills"},
                        fills=report["fills"])
@@ -354,7 +363,7 @@ def validate_only(params_path: str | Path, run_dir: str | Path | None = None) ->
     params = load_params(params_path)
     e = {**EXPORT_DEFAULTS, **(params.get("export") or {})}
     v = validate_state(run_dir or default_run_dir(params), model_path=e.get("reference"), source=e.get("source"),
-                       layout=e.get("layout") or "v4-serving")
+                       layout=e.get("layout") or "v4-serving", mtp_experts=e.get("mtp_experts") or "released")
     return v, 0 if v["verdict"] == "ok" else 1
 
 

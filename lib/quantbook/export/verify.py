@@ -5,9 +5,12 @@ layout.md) plus a numeric check, and gives `pass` or `fail`. A generic modelopt 
 transformers model gets `research-only` with every reason it is not loadable by vLLM/SGLang for V4.
 
 The numeric check dequantizes every NVFP4 expert weight with this module's own decoding
-(E2M1 code x E4M3 `weight_scale` x `weight_scale_2`) and compares it with the BF16 reference
-(step 01's output, or the release dequantized exactly). The bound, per 16-element block b with
-scale unit S_b = weight_scale_b * weight_scale_2 and reference block maximum a_b:
+(E2M1 code x E4M3 `weight_scale` x `weight_scale_2`) and compares it with the release's own
+values (its MXFP4 decoded exactly, or step 01's BF16 copy, the same values, when only that is
+given): a block carried from the release must equal them exactly (an export's manifest names the
+tensors carried and their lossy blocks), every other block must stay within NVFP4's rounding
+bound. The bound, per 16-element block b with scale unit S_b = weight_scale_b * weight_scale_2
+and reference block maximum a_b:
 
     |W - Wq| <= max( min(S_b, a_b/6 * (1 + 2^-4) + 2^-10 * ws2),   # one E2M1 step
                      2^-9 * ws2,                                     # E4M3's smallest scale
@@ -19,6 +22,11 @@ a_b/(6 ws2) rounded to E4M3 (3 mantissa bits: at most 2^-4 relative, 2^-10 absol
 2^-6), so a unit larger than the block's own ideal one cannot be right (that caps a scale
 inflated to hide errors), and values above 6 units saturate by at most a_b/16. A lossless
 MXFP4 cast has zero error. A swapped nibble, row, projection or scale breaks it by far.
+
+Check 9 reads config.json as vLLM 0.33 does (export.engines): the routed experts of every block
+must be built the form they are stored in; MXFP4 MTP experts under `moe_quant_algo: NVFP4` are
+a warning ("MTP drafts will be wrong on vLLM"): SGLang drafts correctly with them. Every expert
+projection missing any of its four tensors is named (engines load those without an error).
 
 Results go into the run directory atomically: `verify.json` (everything) and `verify.md`.
 """
@@ -40,9 +48,10 @@ from ..errors import VerifyFailed
 from ..release.dequant import E2M1 as E2M1_VALUES
 from ..release.format import PROJS, expected_tensors, expert_name, expert_prefix, load_config
 from ..release.shards import INDEX_NAME, Checkpoint, read_range
-from .layout import GROUP, HF_QUANT_CONFIG, LAYOUT, MANIFEST, quantized_layers, release_expert_bf16
+from .engines import MTP_SERVING, vllm_expert_form
+from .layout import GROUP, HF_QUANT_CONFIG, LAYOUT, MANIFEST, mtp_layers, quantized_layers, release_expert_bf16
 
-PASS, FAIL, SKIP = "pass", "fail", "skip"
+PASS, FAIL, SKIP, WARN = "pass", "fail", "skip", "warn"
 RESEARCH_ONLY = "research-only"
 NOT_SERVABLE = "not loadable by vLLM/SGLang for DeepSeek V4"
 TOP_LEVEL = ("embed.weight", "head.weight", "norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale")
@@ -52,9 +61,7 @@ TRANSFORMERS_NAMES = re.compile(
 FP8_KEYS = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
 E2M1 = torch.tensor(E2M1_VALUES, dtype=torch.float32)
 SHOW = 5  # problems named in a check's detail
-MTP_NOTE = ("this layout keeps the MTP block's experts MXFP4 as released; vLLM 0.33's deepseek_v4 builds the MTP "
-            "draft experts as NVFP4, so speculative decoding acceptance collapses there (outputs stay correct): serve "
-            "with MTP off on vLLM 0.33, or measure acceptance. SGLang handles it.")
+NVFP4_SUFFIXES = ("weight", "weight_scale", "weight_scale_2", "input_scale")
 
 
 @dataclass
@@ -69,10 +76,18 @@ class Check:
         self.status = FAIL
         self.problems.append(problem)
 
+    def warn(self, problem: str) -> None:
+        """A finding that does not fail the export (it serves, with a limit the detail names)."""
+        if self.status != FAIL:
+            self.status = WARN
+        self.problems.append(problem)
+
     def close(self, ok_detail: str) -> "Check":
+        more = f" (+{len(self.problems) - SHOW} more)" if len(self.problems) > SHOW else ""
         if self.status == FAIL:
-            more = f" (+{len(self.problems) - SHOW} more)" if len(self.problems) > SHOW else ""
             self.detail = f"{len(self.problems)} problem(s): " + "; ".join(self.problems[:SHOW]) + more
+        elif self.status == WARN:
+            self.detail = "; ".join(self.problems[:SHOW]) + more + (f" ({ok_detail})" if ok_detail else "")
         elif self.status == PASS:
             self.detail = ok_detail
         return self
@@ -91,7 +106,9 @@ def dequant_nvfp4(codes: torch.Tensor, scale: torch.Tensor, ws2: torch.Tensor) -
 
 
 def nvfp4_error(codes, scale, ws2, ref: torch.Tensor) -> dict:
-    """Error of one NVFP4 tensor against its reference, and how it compares with the bound above."""
+    """Error of one NVFP4 tensor against its reference, and how it compares with the bound above.
+
+    `blocks_exact`: 16-blocks equal to the reference value for value (carried from the release)."""
     q = dequant_nvfp4(codes, scale, ws2)
     x = ref.to(torch.float32)
     out, inp = x.shape
@@ -106,6 +123,7 @@ def nvfp4_error(codes, scale, ws2, ref: torch.Tensor) -> dict:
     norm = float(x.norm())
     bad_scale = int((~torch.isfinite(unit) | (unit <= 0)).sum())
     return {"max_ratio": float(ratio.max()), "blocks_over": int((ratio > 1).sum()), "blocks": ratio.numel(),
+            "blocks_exact": int((err == 0).sum()),
             "rel_rmse": float((q - x).norm()) / norm if norm else float((q - x).norm()),
             "max_abs_err": float(err.max()), "bad_block_scales": bad_scale}
 
@@ -186,6 +204,29 @@ def _layers_experts(config: dict) -> tuple[int, int]:
     return config["num_hidden_layers"], config["n_routed_experts"]
 
 
+def mtp_form(ck: Checkpoint, config: dict) -> str | None:
+    """How the export stores the MTP block's routed experts: `released` (MXFP4 `.weight` + `.scale`),
+    `nvfp4` (the four-tensor form), `mixed`, or None when the model has no MTP layer or none is stored."""
+    if not mtp_layers(config):
+        return None
+    forms = set()
+    for n in ck.weight_map:
+        x = expert_name(n)
+        if x is not None and x.mtp and x.tensor is not None:
+            forms.add("released" if x.tensor == "scale" else "nvfp4" if x.tensor != "weight" else None)
+    forms.discard(None)
+    return None if not forms else forms.pop() if len(forms) == 1 else "mixed"
+
+
+def converted_prefixes(config: dict, form: str | None) -> list[str]:
+    """Every routed-expert projection the layout writes NVFP4: the main layers', and MTP's in the nvfp4 form."""
+    L, E = _layers_experts(config)
+    out = [expert_prefix(i, j, p) for i in range(L) for j in range(E) for p in PROJS]
+    if form == "nvfp4":
+        out += [expert_prefix(k, j, p, "mtp") for k in range(mtp_layers(config)) for j in range(E) for p in PROJS]
+    return out
+
+
 def check_config(ck_cfg: dict, src_cfg: dict | None) -> Check:
     c = Check("1", "config.json: DeepSeek V4, identical to the release apart from quantization_config")
     if ck_cfg.get("model_type") != "deepseek_v4" or ck_cfg.get("architectures") != ["DeepseekV4ForCausalLM"]:
@@ -203,7 +244,7 @@ def check_config(ck_cfg: dict, src_cfg: dict | None) -> Check:
     return c.close("identical to the release's config.json apart from quantization_config")
 
 
-def check_quant_config(ck: Checkpoint, cfg: dict) -> Check:
+def check_quant_config(ck: Checkpoint, cfg: dict, form: str | None = None) -> Check:
     c = Check("2", "quantization_config: FP8 keys + NVFP4 routed experts; hf_quant_config.json consistent")
     qc = cfg.get("quantization_config") or {}
     for k, v in {**FP8_KEYS, "moe_quant_algo": "NVFP4", "quant_algo": "MIXED_PRECISION", "group_size": GROUP}.items():
@@ -217,18 +258,24 @@ def check_quant_config(ck: Checkpoint, cfg: dict) -> Check:
     for k in ("ignored_layers", "modules_to_not_convert"):
         if k in qc:
             c.fail(f"{k} present (engines read it as a second exclusion list)")
-    want = quantized_layers(cfg)
+    mtp = "nvfp4" if form == "nvfp4" else "released"
+    want = quantized_layers(cfg, mtp)
     got = qc.get("quantized_layers") or {}
     if got != want:
         extra, missing = sorted(set(got) - set(want)), sorted(set(want) - set(got))
-        c.fail(f"quantized_layers differs from the main layers' experts (extra {extra[:3]}, missing {missing[:3]}, "
-               f"or other settings)")
-    L, E = _layers_experts(cfg)
+        c.fail(f"quantized_layers differs from the NVFP4 experts stored (main layers{', MTP' if mtp == 'nvfp4' else ''}"
+               f"; extra {extra[:3]}, missing {missing[:3]}, or other settings)")
     ignore = qc.get("ignore") or []
-    hit = [p for p in ignore for i in range(L) for proj in PROJS
-           if fnmatch.fnmatchcase(expert_prefix(i, 0, proj), p)]
+    experts = {expert_prefix(x.layer, 0, x.proj, x.block) for x in map(expert_name, converted_prefixes(cfg, form))}
+    hit = sorted({p for p in ignore for e in experts if fnmatch.fnmatchcase(e, p)})
     if hit:
-        c.fail(f"ignore pattern {hit[0]!r} matches routed experts")
+        c.fail(f"ignore pattern {hit[0]!r} matches NVFP4 routed experts")
+    if mtp == "nvfp4":  # the rest of mtp.* stays out of NVFP4
+        others = [f"mtp.{k}.{m}" for k in range(mtp_layers(cfg)) for m in ("e_proj", "h_proj", "ffn.gate",
+                                                                            "attn.wq_a", "ffn.shared_experts.w1")]
+        loose = [m for m in others if not any(fnmatch.fnmatchcase(m, p) for p in ignore)]
+        if loose:
+            c.fail(f"ignore covers no pattern for {loose[0]} (MTP experts NVFP4: every other MTP module stays out)")
     hq = atomic.read_json(ck.dir / HF_QUANT_CONFIG)
     if hq is None:
         c.fail(f"{HF_QUANT_CONFIG} missing")
@@ -240,7 +287,7 @@ def check_quant_config(ck: Checkpoint, cfg: dict) -> Check:
                 c.fail(f"{HF_QUANT_CONFIG}: {k} = {str(q.get(k, 'absent'))[:60]} != config.json's {str(v)[:60]}")
         if hq.get("producer") != qc.get("producer"):
             c.fail(f"{HF_QUANT_CONFIG}: producer {hq.get('producer')} != config.json's {qc.get('producer')}")
-    return c.close(f"quant_method fp8 + FP8 keys, MIXED_PRECISION with NVFP4 experts in {L} layers, "
+    return c.close(f"quant_method fp8 + FP8 keys, MIXED_PRECISION with NVFP4 experts in {len(want)} layers, "
                    f"ignore {ignore}, {HF_QUANT_CONFIG} consistent")
 
 
@@ -255,51 +302,52 @@ def check_names(ck: Checkpoint) -> Check:
     return c.close(f"{len(ck.weight_map):,} native names, {', '.join(TOP_LEVEL)} present")
 
 
-def check_experts(ck: Checkpoint, cfg: dict) -> Check:
+def check_experts(ck: Checkpoint, cfg: dict, form: str | None = None) -> tuple[Check, dict[str, list[str]]]:
+    """Check 4, and every NVFP4 expert projection missing any of its four tensors (engines load those
+    without an error: vLLM leaves the scale uninitialised, SGLang takes 1.0), all of them named."""
     c = Check("4", "routed experts: 4 NVFP4 tensors each (U8/E4M3/F32/F32), shapes, scalars finite > 0, "
                    "w1/w3 weight_scale_2 and input_scale bit-equal")
-    L, E = _layers_experts(cfg)
     H, inter = cfg["hidden_size"], cfg["moe_intermediate_size"]
     shapes = {"w1": (inter, H), "w3": (inter, H), "w2": (H, inter)}
-    scalar_names = []
-    for i in range(L):
-        for j in range(E):
-            for proj, (out, inp) in shapes.items():
-                p = expert_prefix(i, j, proj)
-                if f"{p}.scale" in ck:
-                    c.fail(f"{p}.scale still present (the released E8M0 scale is dropped)")
-                for suffix, dtype, shape in ((".weight", "U8", (out, inp // 2)),
-                                             (".weight_scale", "F8_E4M3", (out, inp // GROUP)),
-                                             (".weight_scale_2", "F32", ()), (".input_scale", "F32", ())):
-                    n = p + suffix
-                    if n not in ck:
-                        c.fail(f"{n} missing")
-                        continue
-                    e = ck.entry(n)
-                    if e.dtype != dtype or tuple(e.shape) != shape:
-                        c.fail(f"{n}: {e.dtype}{_fmt_shape(e.shape)}, expected {dtype}{_fmt_shape(shape)}")
-                    elif not shape:
-                        scalar_names.append(n)
+    scalar_names, missing = [], {}
+    prefixes = converted_prefixes(cfg, form)
+    for p in prefixes:
+        out, inp = shapes[p.rsplit(".", 1)[1]]
+        if f"{p}.scale" in ck:
+            c.fail(f"{p}.scale still present (the released E8M0 scale is dropped)")
+        for suffix, dtype, shape in zip(NVFP4_SUFFIXES, ("U8", "F8_E4M3", "F32", "F32"),
+                                        ((out, inp // 2), (out, inp // GROUP), (), ())):
+            n = f"{p}.{suffix}"
+            if n not in ck:
+                missing.setdefault(p, []).append(suffix)
+                continue
+            e = ck.entry(n)
+            if e.dtype != dtype or tuple(e.shape) != shape:
+                c.fail(f"{n}: {e.dtype}{_fmt_shape(e.shape)}, expected {dtype}{_fmt_shape(shape)}")
+            elif not shape:
+                scalar_names.append(n)
+    for p, suffixes in missing.items():
+        c.fail(f"{p}: {', '.join(suffixes)} missing")
     vals = ck.tensors(scalar_names)
     for n, v in vals.items():
         x = float(v)
         if not (math.isfinite(x) and x > 0):
             c.fail(f"{n} = {x}")
-    for i in range(L):
-        for j in range(E):
-            p = f"layers.{i}.ffn.experts.{j}"
+    for p in prefixes:
+        if p.endswith(".w1"):
             for s in ("weight_scale_2", "input_scale"):
-                a, b = vals.get(f"{p}.w1.{s}"), vals.get(f"{p}.w3.{s}")
+                a, b = vals.get(f"{p}.{s}"), vals.get(f"{p[:-1]}3.{s}")
                 if a is not None and b is not None and a.view(torch.int32) != b.view(torch.int32):
-                    c.fail(f"{p}: w1.{s} {float(a):.6g} != w3.{s} {float(b):.6g}")
-    return c.close(f"{L * E:,} experts x 3 projections x 4 tensors; {len(vals):,} scalars finite and > 0; "
-                   "w1/w3 scalars bit-equal")
+                    c.fail(f"{p[:-3]}: w1.{s} {float(a):.6g} != w3.{s} {float(b):.6g}")
+    mtp = " (MTP's included)" if form == "nvfp4" else ""
+    return c.close(f"{len(prefixes) // 3:,} experts{mtp} x 3 projections x 4 tensors; {len(vals):,} scalars finite "
+                   "and > 0; w1/w3 scalars bit-equal"), missing
 
 
-def check_passthrough(ck: Checkpoint, cfg: dict, src: Checkpoint | None) -> Check:
+def check_passthrough(ck: Checkpoint, cfg: dict, src: Checkpoint | None, form: str | None = None) -> Check:
     c = Check("5", "every other tensor as released (name, dtype, shape, bytes); mtp.* present")
-    expected = {n: s for n, s in expected_tensors(cfg).items() if not _is_main_expert(n)}
-    expert_names = {n for n in ck.weight_map if _is_main_expert_out(n)}
+    expected = {n: s for n, s in expected_tensors(cfg).items() if not _converted(n, form, ("weight", "scale"))}
+    expert_names = {n for n in ck.weight_map if _converted(n, form, NVFP4_SUFFIXES)}
     for n, spec in expected.items():
         if n not in ck:
             c.fail(f"{n} missing")
@@ -333,16 +381,10 @@ def check_passthrough(ck: Checkpoint, cfg: dict, src: Checkpoint | None) -> Chec
     return c.close(f"{compared:,} tensors ({nbytes / 2**20:,.1f} MiB) byte-equal to the release, {mtp} of them mtp.*")
 
 
-def _is_main_expert(name: str) -> bool:
-    """A main layer's routed-expert tensor as released (`.weight`, `.scale`)."""
+def _converted(name: str, form: str | None, tensors: tuple[str, ...]) -> bool:
+    """One of `tensors` of a routed expert the layout converts (main layers; MTP in the nvfp4 form)."""
     x = expert_name(name)
-    return x is not None and not x.mtp and x.tensor in ("weight", "scale")
-
-
-def _is_main_expert_out(name: str) -> bool:
-    """A main layer's routed-expert tensor in the NVFP4 serving form."""
-    x = expert_name(name)
-    return x is not None and not x.mtp and x.tensor in ("weight", "weight_scale", "weight_scale_2", "input_scale")
+    return x is not None and (not x.mtp or form == "nvfp4") and x.tensor in tensors
 
 
 def check_index(ck: Checkpoint) -> Check:
@@ -395,34 +437,53 @@ def check_manifest(ck: Checkpoint) -> Check:
     return c.close(f"complete; amax filled: {filled.get('weight', 0)} weight, {filled.get('input', 0)} input{note}")
 
 
+def carried_tensors(ck: Checkpoint) -> dict[str, int] | None:
+    """From the export's manifest: {NVFP4 weight carried from the release: its lossy 32-blocks}, or
+    None when the manifest does not say (another writer). Carried blocks must equal the release."""
+    m = atomic.read_json(ck.dir / MANIFEST)
+    if not m or "options" not in m:
+        return None
+    opts, report = m["options"], m.get("report") or {}
+    lossy = (report.get("cast") or {}).get("lossy_tensors", {})
+    out = {}
+    for n in ck.weight_map:
+        x = expert_name(n)
+        if x is not None and x.tensor == "weight" and (x.mtp or opts.get("cast_mxfp4_to_nvfp4")) \
+                and f"{x.prefix}.weight_scale" in ck:
+            out[n] = lossy.get(n, 0)
+    return out
+
+
 def check_numbers(ck: Checkpoint, cfg: dict, ref: Checkpoint | None, src: Checkpoint | None,
                   names: list[str] | None = None, sample: int | None = None, workers: int = 2,
-                  progress: bool = True) -> tuple[Check, dict]:
-    c = Check("7", "numbers: NVFP4 expert weights (e2m1 x weight_scale x weight_scale_2) vs the BF16 reference "
-                   "within the NVFP4 rounding bound")
+                  progress: bool = True, form: str | None = None) -> tuple[Check, dict]:
+    """Check 7: every NVFP4 expert weight decoded by this module against the release's own values
+    (its MXFP4 decoded exactly; the BF16 reference, equal to them, when only that is given):
+    carried blocks exactly, re-quantized ones within the bound. A tensor the manifest says was
+    carried must equal the release in every block but its lossy ones."""
+    c = Check("7", "numbers: NVFP4 expert weights (e2m1 x weight_scale x weight_scale_2) vs the release's own values: "
+                   "carried blocks exact, re-quantized blocks within the NVFP4 rounding bound")
     if names is None:
-        L, E = _layers_experts(cfg)
-        names = [expert_prefix(i, j, p) for i in range(L) for j in range(E) for p in PROJS]
+        names = converted_prefixes(cfg, form)
     if ref is None and src is None:
-        c.status, c.detail = SKIP, "no --reference or --source to compare with"
+        c.status, c.detail = SKIP, "no --source or --reference to compare with"
         return c, {}
     if sample and sample < len(names):
         step = len(names) / sample
         names = [names[int(k * step)] for k in range(sample)]
+    against = "release" if src is not None else "BF16 reference"
 
     def reference(native: str) -> torch.Tensor | None:
-        if ref is not None:
-            return ref.tensor(f"{native}.weight") if f"{native}.weight" in ref else None
-        if f"{native}.scale" in src:
-            return release_expert_bf16(src, native)
-        return None
+        if src is not None:
+            return release_expert_bf16(src, native) if f"{native}.scale" in src else None
+        return ref.tensor(f"{native}.weight") if f"{native}.weight" in ref else None
 
     def one(name: str):
         native = name[len("model."):] if name.startswith("model.") else name
         try:
             r = reference(native)
             if r is None:
-                return name, {"error": f"no reference tensor {native}.weight"}
+                return name, {"error": f"no {against} tensor for {native}"}
             return name, nvfp4_error(ck.tensor(f"{name}.weight"), ck.tensor(f"{name}.weight_scale"),
                                      ck.tensor(f"{name}.weight_scale_2"), r)
         except Exception as e:  # noqa: BLE001 (an unreadable tensor is a finding of this check)
@@ -438,26 +499,59 @@ def check_numbers(ck: Checkpoint, cfg: dict, ref: Checkpoint | None, src: Checkp
             rows = dict(tqdm(pool.map(one, names), total=len(names), desc="verify numbers", disable=not progress))
     finally:
         torch.set_num_threads(threads)
+    carried = carried_tensors(ck) or {}
     for name, r in rows.items():
         if "error" in r:
             c.fail(f"{name}: {r['error']}")
-        elif r["blocks_over"] or r["bad_block_scales"] or not math.isfinite(r["max_ratio"]):
+            continue
+        if r["blocks_over"] or r["bad_block_scales"] or not math.isfinite(r["max_ratio"]):
             c.fail(f"{name}: {r['blocks_over']} blocks over the bound (worst {r['max_ratio']:.3g}x), "
                    f"{r['bad_block_scales']} non-positive/NaN block scales")
+        lossy = carried.get(f"{name}.weight")
+        if lossy is not None and r["blocks_exact"] < r["blocks"] - 2 * lossy:
+            c.fail(f"{name}: carried from the release with {lossy} lossy 32-blocks, but "
+                   f"{r['blocks'] - r['blocks_exact']} of its {r['blocks']} 16-blocks differ from the {against}")
     ok = [r for r in rows.values() if "error" not in r]
-    summary = {"tensors": len(rows), "sampled": bool(sample), "against": "reference" if ref else "release"}
+    summary = {"tensors": len(rows), "sampled": bool(sample), "against": against}
     if ok:
         worst = max(((n, r) for n, r in rows.items() if "error" not in r), key=lambda kv: kv[1]["max_ratio"])
         summary.update(max_ratio=max(r["max_ratio"] for r in ok), rel_rmse_mean=sum(r["rel_rmse"] for r in ok) / len(ok),
                        rel_rmse_max=max(r["rel_rmse"] for r in ok), worst=worst[0],
-                       blocks=sum(r["blocks"] for r in ok))
-        c.close(f"{len(ok):,} tensors, {summary['blocks']:,} blocks within the bound (worst {summary['max_ratio']:.3f} "
-                f"of it, {worst[0]}); relative RMS error mean {summary['rel_rmse_mean']:.4f}, max "
-                f"{summary['rel_rmse_max']:.4f} (vs BF16 {summary['against']})")
+                       blocks=sum(r["blocks"] for r in ok), blocks_exact=sum(r["blocks_exact"] for r in ok),
+                       carried_tensors=sum(f"{n}.weight" in carried for n in rows))
+        rest = summary["blocks"] - summary["blocks_exact"]
+        c.close(f"{len(ok):,} tensors ({summary['carried_tensors']:,} carried) vs the {against}: "
+                f"{summary['blocks_exact']:,} of {summary['blocks']:,} 16-blocks equal to it exactly, the other "
+                f"{rest:,} within NVFP4's bound (worst {summary['max_ratio']:.3f} of it, {worst[0]}); relative RMS "
+                f"error mean {summary['rel_rmse_mean']:.4f}, max {summary['rel_rmse_max']:.4f}")
     else:
         c.close("")
     summary["per_tensor"] = rows
     return c, summary
+
+
+def check_engines(ck: Checkpoint, cfg: dict, form: str | None) -> Check:
+    """Check 9: what vLLM 0.33 builds each block's routed experts as (export.engines), against what is stored."""
+    c = Check("9", "engines: vLLM 0.33 builds the routed experts as stored (NVFP4), MTP's included")
+    for i in range(cfg["num_hidden_layers"]):
+        build, why = vllm_expert_form(cfg, f"layers.{i}.ffn.experts")
+        if build != "nvfp4":
+            c.fail(f"layers.{i}.ffn.experts are stored NVFP4, but vLLM 0.33 builds them {build}: {why}")
+    for k in range(mtp_layers(cfg) if form else 0):
+        module = f"mtp.{k}.ffn.experts"
+        build, why = vllm_expert_form(cfg, module)
+        stored = {"released": "mxfp4"}.get(form, form)
+        if build == stored:
+            continue
+        if stored == "mxfp4" and build == "nvfp4":
+            c.warn(f"MTP drafts will be wrong on vLLM: {module} holds MXFP4 tensors under moe_quant_algo NVFP4, "
+                   "which vLLM 0.33's MTP draft loads as NVFP4 without an error (serve with MTP off there; "
+                   f"{MTP_SERVING['released']['drafts_correctly_on']} drafts correctly)")
+        else:
+            c.fail(f"{module} holds {stored} experts, but vLLM 0.33 builds them {build}: {why}")
+    mtp = {"nvfp4": "; MTP experts NVFP4 too", "released": ""}.get(form, "")
+    return c.close(f"quant_method fp8, expert_dtype fp4, moe_quant_algo NVFP4, no ignored_layers / "
+                   f"modules_to_not_convert: every main layer's experts built NVFP4{mtp}")
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -485,20 +579,25 @@ def verify(export: str | Path, source: str | Path | None = None, reference: str 
         result.update(layout="generic-modelopt", verdict=RESEARCH_ONLY,
                       summary=f"{RESEARCH_ONLY}: {NOT_SERVABLE} ({len(reasons)} reasons)", reasons=reasons)
     else:
-        checks = [check_config(cfg, src_cfg), check_quant_config(ck, cfg), check_names(ck), check_experts(ck, cfg),
-                  check_passthrough(ck, src_cfg or cfg, src),
-                  check_index(ck)]
-        num, numbers = check_numbers(ck, cfg, ref, src, sample=sample, workers=workers, progress=progress)
-        checks += [num, check_manifest(ck)]
+        form = mtp_form(ck, cfg)
+        experts, missing = check_experts(ck, cfg, form)
+        checks = [check_config(cfg, src_cfg), check_quant_config(ck, cfg, form), check_names(ck), experts,
+                  check_passthrough(ck, src_cfg or cfg, src, form), check_index(ck)]
+        num, numbers = check_numbers(ck, cfg, ref, src, sample=sample, workers=workers, progress=progress, form=form)
+        checks += [num, check_manifest(ck), check_engines(ck, cfg, form)]
         failed = [c for c in checks if c.status == FAIL]
         verdict = FAIL if failed else PASS
         skipped = [c.id for c in checks if c.status == SKIP]
+        warned = [c.id for c in checks if c.status == WARN]
         summary = (f"{PASS}: the v4-serving layout, whole and within NVFP4's error bound" if not failed
                    else f"{FAIL}: {len(failed)} check(s) failed ({', '.join(c.id for c in failed)})")
+        if warned:
+            summary += f"; warning in check(s) {', '.join(warned)}"
         if skipped:
             summary += f"; check(s) {', '.join(skipped)} skipped (pass --source and --reference for all)"
         result.update(layout=LAYOUT, verdict=verdict, reasons=[f"check {c.id}: {c.detail}" for c in failed],
-                      summary=summary)
+                      summary=summary, missing_expert_tensors=missing,
+                      mtp_experts={"stored": form, **MTP_SERVING.get(form or "", {})})
     result["checks"] = [{k: v for k, v in asdict(c).items() if k != "problems"} | {"problems": c.problems[:50]}
                         for c in checks]
     result["numbers"] = {k: v for k, v in numbers.items() if k != "per_tensor"}
@@ -516,8 +615,15 @@ def format_table(result: dict) -> str:
     lines += ["| # | check | status | detail |", "|---|---|---|---|"]
     for c in result["checks"]:
         lines.append(f"| {c['id']} | {c['check']} | {c['status']} | {c['detail'].replace('|', '/')} |")
-    if result["layout"] == LAYOUT and result["verdict"] == PASS:
-        lines += ["", f"Serving note: {MTP_NOTE}"]
+    missing = result.get("missing_expert_tensors") or {}
+    if missing:
+        lines += ["", f"Expert projections missing NVFP4 tensors ({len(missing)}; engines load them without an error, "
+                      "with an uninitialised or 1.0 scale):", ""]
+        lines += [f"- {p}: {', '.join(suffixes)}" for p, suffixes in missing.items()]
+    mtp = result.get("mtp_experts") or {}
+    if result["layout"] == LAYOUT and result["verdict"] == PASS and mtp.get("note"):
+        lines += ["", f"Serving note (MTP speculative decoding drafts correctly on {mtp['drafts_correctly_on']}): "
+                      f"{mtp['note']}"]
     return "\n".join(lines) + "\n"
 
 

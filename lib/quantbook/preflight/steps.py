@@ -414,7 +414,7 @@ def _export(ctx: Context) -> None:
         if manifest is not None and "02" in ctx.steps:
             ctx.add("03", "destination", str(dst), REFUSE, "holds an export made with other amax; this run calibrates "
                     "anew, so step 03 would refuse it: empty it or choose another export.dir")
-        shards = layout.shard_bytes(rel["config"])
+        shards = layout.shard_bytes(rel["config"], e["mtp_experts"])
         done = (manifest or {}).get("shards", {})
         todo = sum(n for name, n in shards.items() if name not in done)
         if manifest is None or "02" not in ctx.steps:

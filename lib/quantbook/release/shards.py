@@ -197,6 +197,7 @@ class ShardWriter:
         self.hash = new_hash()
         self.f = open(self.tmp, "wb")
         self.written = 0
+        self._buf: bytearray | None = None
         self.write(header)
 
     def write(self, data) -> None:
@@ -206,16 +207,19 @@ class ShardWriter:
         self.written += mv.nbytes
 
     def copy_range(self, src: Path, start: int, nbytes: int) -> None:
-        """Copy bytes from another file unchanged, in bounded chunks."""
-        with open(src, "rb") as f:
+        """Copy bytes from another file unchanged, in bounded chunks through one reused buffer."""
+        if self._buf is None:
+            self._buf = bytearray(COPY_CHUNK)
+        view = memoryview(self._buf)
+        with open(src, "rb", buffering=0) as f:
             f.seek(start)
             left = nbytes
             while left:
-                chunk = f.read(min(COPY_CHUNK, left))
-                if not chunk:
-                    raise FormatError(f"shard {src.name}: short read at offset {start + nbytes - left}")
-                self.write(chunk)
-                left -= len(chunk)
+                got = f.readinto(view[: min(COPY_CHUNK, left)])
+                if not got:
+                    raise FormatError(f"shard {Path(src).name}: short read at offset {start + nbytes - left}")
+                self.write(view[:got])
+                left -= got
 
     def finish(self) -> tuple[int, str]:
         if self.written != self.expected:
