@@ -11,7 +11,7 @@ and `input_scale` (F32 scalars). Everything here reads only headers and the tens
 - `expert_blocks`: one expert's E4M3 `weight_scale` per projection, and which 32-input blocks were
   carried losslessly from the release's MXFP4 and which were re-quantized: with the lossless cast
   (`options.cast_mxfp4_to_nvfp4` in the export's manifest) a block is carried exactly when
-  `k_max - k <= 17` (`export.layout.cast_scales` decides, from the release's `.scale` of that
+  `k_max - k <= 17` (`export.nvfp4.carry_scales` decides, from the release's `.scale` of that
   expert); without it every block was re-quantized from BF16 with the calibrated amax.
 
 Figures and an interactive explorer (JupyterLab) draw these for notebook 04.
@@ -297,19 +297,19 @@ def _release(ex: ExportRun) -> Checkpoint | None:
 
 def expert_blocks(ex: ExportRun, layer: int, expert: int) -> dict[str, ProjBlocks]:
     """w1, w3, w2 of one expert: E4M3 `weight_scale` and re-quantized 32-blocks (from the release's
-    `.scale` and `export.layout.cast_scales` when the export was cast)."""
+    `.scale` and `export.nvfp4.carry_scales` when the export was cast)."""
     import torch
 
-    from ..export.layout import cast_scales
+    from ..export.nvfp4 import carry_scales
 
     prefixes = {p: expert_prefix(layer, expert, p) for p in SHOWN}
     ws2, _ = read_scalars(ex.ckpt, [f"{prefixes[p]}.weight_scale_2" for p in SHOWN])
     reported = reported_requantized(ex.manifest)
     release = _release(ex) if ex.cast else None
-    k = {}
+    e8m0 = {}
     if release is not None:
         for p, pre in prefixes.items():
-            k[p] = release.tensor(f"{pre}.scale").view(torch.uint8).to(torch.int32) - 127
+            e8m0[p] = release.tensor(f"{pre}.scale").view(torch.uint8).numpy()
     out = {}
     for (p, pre), s2 in zip(prefixes.items(), ws2):
         ws = ex.ckpt.tensor(f"{pre}.weight_scale").float().numpy()
@@ -322,13 +322,13 @@ def expert_blocks(ex: ExportRun, layer: int, expert: int) -> dict[str, ProjBlock
             req, why = None, "unknown: the release is not on this machine"
         else:
             group = ("w1", "w3") if p in ("w1", "w3") else ("w2",)
-            k_max = max(int(k[q].max()) for q in group)
-            _, cast_ws2, lossless = cast_scales(k[p], k_max)
+            _, cast_ws2, lossy = carry_scales(e8m0[p], max(int(e8m0[q].max()) for q in group))
             if float(cast_ws2) != float(s2):
                 req, why = None, (f"unknown: weight_scale_2 {float(s2):.6g} is not the cast's 2^(k_max-8) = "
                                   f"{float(cast_ws2):.6g} from {ex.source} (another release?)")
             else:
-                req = ~lossless.numpy()
+                req = np.zeros(e8m0[p].shape, dtype=bool)
+                req.reshape(-1)[lossy] = True
                 why = f"lossless cast: re-quantized where k_max - k > 17 (k from {ex.source.name}'s .scale)"
         n = reported.get(pre, reported.get(f"{pre}.weight"))
         out[p] = ProjBlocks(pre, ws, float(s2), req, why, n)
