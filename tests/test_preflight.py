@@ -46,7 +46,7 @@ def test_full_size_pro_release_passes_on_the_node(pro_release, tmp_path):
     assert memory["status"] == "ok" and "the whole BF16 model (61 layers, 2.91 TiB)" in memory["item"]
     assert "on 8 GPU(s) at 0.7" in memory["detail"]
     outputs = {d["output"]: d for d in v.disk}
-    assert set(outputs) == {"BF16 copy", "generic export", "calibrated state", "v4-serving export"}
+    assert set(outputs) == {"BF16 copy", "calibrated state", "v4-serving export"}  # no generic export by default
     assert outputs["BF16 copy"]["needs"] == 3_197_868_864_632  # step 01's plan, from the headers
     assert outputs["v4-serving export"]["needs"] == 913_061_485_688  # step 03's plan (test_sparse.py)
     plan = {r["step"] + " " + r["what"].split(" (")[0]: r for r in v.plan}
@@ -201,8 +201,9 @@ def test_output_directories_safe(pro_release, tmp_path):
     junk = tmp_path / "out" / "DeepSeek-V4-Pro-NVFP4-generic"
     junk.mkdir(parents=True)
     (junk / "notes.txt").write_text("not an export")
-    assert "not empty and not a modelopt export" in refused(preflight(pro_params(tmp_path, pro_release, calib),
-                                                                      steps=["02"], machine=b200()))
+    generic = pro_params(tmp_path, pro_release, calib, quantize={"export_generic": True})
+    assert "not empty and not a modelopt export" in refused(preflight(generic, steps=["02"], machine=b200()))
+    assert preflight(pro_params(tmp_path, pro_release, calib), steps=["02"], machine=b200()).ok  # not written
     (junk / "notes.txt").unlink()
     serving = tmp_path / "out" / "DeepSeek-V4-Pro-NVFP4"
     serving.mkdir()
@@ -213,7 +214,7 @@ def test_output_directories_safe(pro_release, tmp_path):
 
 def test_disk_summed_per_filesystem(pro_release, tmp_path):
     """Outputs on one filesystem are summed against its free space; on separate ones, each alone."""
-    p = pro_params(tmp_path, pro_release, calib_file(tmp_path / "calib.jsonl"))
+    p = pro_params(tmp_path, pro_release, calib_file(tmp_path / "calib.jsonl"), quantize={"export_generic": True})
     one = preflight(p, machine=b200(disk=4 * TIB))
     assert [c["area"] for c in one.refusals] == ["disk"] and "needs 4.67 TiB, 4.00 TiB free" in refused(one)
     apart = preflight(p, machine=b200(disk=4 * TIB, disk_id=lambda path: hash(Path(path).name)))

@@ -197,7 +197,8 @@ def test_digest_covers_what_the_rehearsal_keeps(flash_release, tmp_path, monkeyp
         assert variant(where, key, value) == d0, key  # what a rehearsal changes is not in the digest
     for where, key, value in (("quantize.hf_ptq", "qformat", "nvfp4"), ("quantize", "driver", "hf_ptq"),
                               ("quantize.hf_ptq", "batch_size", 8), ("quantize", "layerwise", True),
-                              ("export", "layout", "generic"), ("export", "cast_mxfp4_to_nvfp4", True),
+                              ("export", "layout", "generic"), ("export", "cast_mxfp4_to_nvfp4", False),
+                              ("quantize", "export_generic", True), ("export", "mtp_experts", "nvfp4"),
                               ("dequant", "workers", 4), ("inspect", "fail_on", [])):
         assert variant(where, key, value) != d0, key  # what it keeps is
     other = quick_notebooks(tmp_path / "nbs")

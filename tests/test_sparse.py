@@ -56,7 +56,7 @@ def test_layout_plan_at_pro_scale(tmp_path):
     L, E = cfg["num_hidden_layers"], cfg["n_routed_experts"]
     amax = {f"layers.{i}.ffn.experts.{j}.{p}.{role}_quantizer._amax": torch.tensor(1.0 + j / E)
             for i in range(L) for j in range(E) for p in ("w1", "w2", "w3") for role in ("weight", "input")}
-    p = layout.plan(out, tmp_path / "nvfp4", amax)
+    p = layout.plan(out, tmp_path / "nvfp4", amax, cast_mxfp4_to_nvfp4=False)  # weight amax used too
     assert p.resolved.fills == [] and p.resolved.calibrated == {"weight": L * E * 3, "input": L * E * 3}
     assert len(p.jobs) == 64 and {j.name: j.bytes_out for j in p.jobs} == layout.shard_bytes(cfg)
     assert p.bytes_out == 913_061_485_688
@@ -78,8 +78,8 @@ def test_resource_estimates_at_pro_scale(tmp_path):
 
     bf16 = write_sparse_release(PRO_CONFIG, tmp_path / "bf16", bf16=True)
     assert allocated_bytes(bf16) < 64 * 2**20 and load_config(bf16) == bf16_config(load_config(PRO_CONFIG))
-    q = normalize({"hf_ptq": {"pyt_ckpt_path": str(bf16), "export_path": str(tmp_path / "exp"), "device": "cpu",
-                              "qformat": "nvfp4_experts_only", "batch_size": 16}})
+    q = normalize({"export_generic": True, "hf_ptq": {"pyt_ckpt_path": str(bf16), "export_path": str(tmp_path / "exp"),
+                                                      "device": "cpu", "qformat": "nvfp4_experts_only", "batch_size": 16}})
     r = resources.estimate_resources(q, tmp_path / "run")
     need = resources.registry.get("modelopt").memory_need(load_config(bf16), {}, q)
     assert r["model_bytes"] == need.model == 3_197_868_864_632
@@ -88,3 +88,5 @@ def test_resource_estimates_at_pro_scale(tmp_path):
     assert r["memory"]["host_need"] == need.model
     with pytest.raises(QuantizeError, match=r"memory: the whole BF16 model \(61 layers, 2.91 TiB\): 2,978.25 GiB"):
         resources.check_resources(q, tmp_path / "run")
+    no_export = resources.estimate_resources({**q, "export_generic": False}, tmp_path / "run")  # the default
+    assert no_export["export_bytes"] == 0 and "export" not in no_export["disk"]
