@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU machine's benchmarks, one part after another, each part's output and JSON kept in LOG_DIR
+# (a part that fails does not stop the next). Parts:
+#   layout     step 03's writer at Flash and Pro expert shapes: carrying (CPU) and re-quantizing (CUDA),
+#              against the disk's raw write rate in the same run (benchmarks/layout_bench.py)
+#   layout-ok  the batched CUDA re-quantizer writes modelopt's bytes (tests/test_layout_writer.py -k cuda)
+#   streaming  step 02's streaming driver at real V4 Pro layer dimensions against the disk's read rate,
+#              gpus 2 when two GPUs are visible, the modelopt driver side by side (benchmarks/streaming_bench.py)
+# Usage (from the repository root; carried wheels in .whl/): benchmarks/gpu_bench.sh LOG_DIR SCRATCH PART...
+set -u
+log=${1:?usage: gpu_bench.sh LOG_DIR SCRATCH PART...}
+scratch=${2:?usage: gpu_bench.sh LOG_DIR SCRATCH PART...}
+shift 2
+mkdir -p "$log" "$scratch"
+. "$(dirname "$0")/device_env.sh"
+{ nvidia-smi -L; nproc; free -g | head -2; df -h "$scratch" | tail -1; python3 -c "import torch, modelopt, transformers; print(torch.__version__, modelopt.__version__, transformers.__version__)"; } > "$log/machine.txt" 2>&1
+part() {  # name command...
+  local name=$1; shift
+  echo "=== $(date +%T) $name: $*" >> "$log/progress.txt"
+  "$@" > "$log/$name.log" 2>&1
+  echo "=== $(date +%T) $name exit $?" >> "$log/progress.txt"
+}
+for p in "$@"; do
+  case $p in
+    layout)
+      part layout-flash python3 benchmarks/layout_bench.py --like flash --layers 2 --experts 64 --routes carry requant \
+        --device cuda --workers 2 8 --dir "$scratch/lf" --json "$log/layout-flash.json"
+      part layout-pro python3 benchmarks/layout_bench.py --like pro --layers 2 --experts 64 --routes carry requant \
+        --device cuda --workers 2 8 --dir "$scratch/lp" --json "$log/layout-pro.json" ;;
+    layout-ok)
+      part layout-ok python3 -m pytest -q -p no:cacheprovider tests/test_layout_writer.py -k "cuda" ;;
+    streaming)
+      part streaming python3 benchmarks/streaming_bench.py --out "$log/streaming" --dir "$scratch/st" --layers 2 ;;
+    *) echo "unknown part $p" >> "$log/progress.txt" ;;
+  esac
+done
+echo "=== $(date +%T) all done" >> "$log/progress.txt"
