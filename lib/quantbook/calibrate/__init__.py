@@ -5,10 +5,13 @@
 
 `q` is the `quantize:` section of a params file; `q["driver"]` names a driver in `registry`
 (`modelopt`: hf_ptq's pipeline on modelopt's API; `hf_ptq`: modelopt's own hf_ptq.py from a
-checkout). Modules: `settings` (defaults, hf_ptq flag names), `checks` (settings refused with
-the reason), `driver` (the interface and the scaffolding every driver runs in), `hf_model`
-(load, data, config and export as hf_ptq does them), `resources`, `patches`, `state` (amax
-snapshot and cheap calibrated state), `data` (calibration text, token counts), `report`.
+checkout; `streaming`: block by block from the release, no BF16 copy). Modules: `settings`
+(defaults, hf_ptq flag names), `checks` (settings refused with the reason), `driver` (the
+interface and the scaffolding every driver runs in), `hf_model` (load, data, config and export as
+hf_ptq does them), `resources`, `patches`, `state` (amax snapshot and cheap calibrated state),
+`data` (calibration text, token counts), `report`; the streaming driver's own `blocks` (a release
+block as transformers' layer), `mtp` (the MTP block), `block_checkpoint` (resume state) and
+`distributed` (processes, exact reductions).
 """
 
 from __future__ import annotations
@@ -40,5 +43,6 @@ def quantize(q: dict, run_dir: str | Path, progress: bool = True, facts: dict | 
     run_dir.mkdir(parents=True, exist_ok=True)
     facts = dict(facts or preflight(q, run_dir))
     res = facts["resources"]
-    facts["resources"] = {k: res[k] for k in ("model_bytes", "export_bytes", "layerwise_bytes", "disk")}
+    facts["resources"] = {k: res[k] for k in ("model_bytes", "export_bytes", "layerwise_bytes", "disk", "streaming")
+                          if k in res}
     return registry.get(q["driver"]).run(q, run_dir, progress=progress, facts=facts)
