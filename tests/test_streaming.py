@@ -26,10 +26,10 @@ MTP = "mtp."
 
 def streaming_q(tiny_chain, **over) -> dict:
     """The chain's `quantize:` section (params/tiny.yaml's settings) on the streaming driver: the
-    same data, batches and quantization config; `pyt_ckpt_path` names the release."""
+    same data, batches and quantization config; `pyt_ckpt_path` names the release; no generic export."""
     q = copy.deepcopy(tiny_chain["q"])
     hf = {**q["hf_ptq"], "pyt_ckpt_path": str(tiny_chain["src"]), **over.pop("hf_ptq", {})}
-    return {**q, "driver": "streaming", **over, "hf_ptq": hf}
+    return {**q, "driver": "streaming", "export_generic": False, **over, "hf_ptq": hf}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_equal_to_the_modelopt_driver_bit_for_bit(streamed, tiny_chain):
     """Every quantizer's amax (names and values) and every token count equal the whole-model
     calibration's; the MTP block adds its own, under mtp.0."""
     rec = streamed["record"]
-    assert rec["status"] == "done" and rec["driver"] == "streaming" and rec["export"] is None
+    assert rec["status"] == "done" and rec["driver"] == "streaming" and rec["export"]["written"] is False
     got, meta, counts = snapshot(streamed["dir"])
     want, want_meta, want_counts = snapshot(tiny_chain["run_dir"])
     main = {k: v for k, v in got.items() if not k.startswith(MTP)}
@@ -96,7 +96,22 @@ def test_serving_export_from_streaming_amax_is_byte_identical(streamed, tiny_cha
                              cast_mxfp4_to_nvfp4=False, progress=False)
     assert a["amax_sha256"] == b["amax_sha256"] and a["filled"] == b["filled"] == {"weight": 0, "input": 0}
     assert files(tmp_path / "streaming", exclude=(MANIFEST,)) == files(tmp_path / "modelopt", exclude=(MANIFEST,))
-    assert a["ignored_amax"]["MTP expert (stays MXFP4)"] == 2 + 2 * 8
+    assert sum(n for why, n in a["ignored_amax"].items() if why.startswith("MTP expert")) == 2 + 2 * 8
+
+
+def test_mtp_experts_nvfp4_from_the_streaming_amax(streamed, tiny_chain, tmp_path):
+    """`export.mtp_experts: nvfp4` takes the MTP experts' input scales from the amax this driver
+    calibrates (no whole-model calibration reaches them): every one calibrated, none filled, and the
+    export passes the verifier."""
+    from quantbook import amax
+    from quantbook.export.layout import write_serving_layout
+    from quantbook.export.verify import verify
+
+    r = write_serving_layout(tiny_chain["src"], streamed["dir"] / amax.SNAPSHOT, tmp_path / "nvfp4",
+                             mtp_experts="nvfp4", progress=False)
+    assert r["calibrated"]["mtp_input"] == 8 * 3 and r["filled"] == {"weight": 0, "input": 0}
+    v = verify(tmp_path / "nvfp4", source=tiny_chain["src"], progress=False)
+    assert v["verdict"] == "pass", v["summary"]
 
 
 def test_blocks_equal_transformers_own_load(tiny_chain):
@@ -295,6 +310,7 @@ def test_experts_that_bypass_f_linear_are_an_error(tiny_chain, tmp_path, monkeyp
     ({"hf_ptq": {"qformat": "nvfp4"}}, "nvfp4_experts_only only"),
     ({"hf_ptq": {"recipe": "general/ptq/nvfp4_experts_only-kv_fp8"}}, "recipe"),
     ({"layerwise": True}, "quantize.layerwise"),
+    ({"export_generic": True}, "quantize.export_generic"),
     ({"gpus": 5}, "5 processes for 4 calibration batches"),
     ({"gpus": 0}, "quantize.gpus: expected a positive int"),
     ({"save_every": "2"}, "quantize.save_every"),
@@ -346,21 +362,28 @@ def test_only_max_calibration():
     assert algorithm({"algorithm": {"method": "awq_lite"}}) == "awq_lite"
 
 
-def test_resources_of_a_v4_pro_block(tmp_path):
-    """From V4 Pro's real headers (a sparse release: no data): one block in BF16 is 51.7 GB (384
-    experts of 3072 x 7168, x3, plus attention), the activations of 128 x 512 tokens 3.76 GB each way."""
-    from quantbook.calibrate import settings
-    from quantbook.calibrate.streaming_driver import estimate_resources
-    from quantbook.release.format import PRO_CONFIG
-    from quantbook.release.sparse import write_sparse_release
+def test_memory_and_disk_of_v4_pro(pro_release, tmp_path):
+    """From V4 Pro's config: a process holds one block in BF16 (51.7 GB: 384 experts of 3072 x 7168,
+    x3, plus attention) and its batches' activations on its GPU, two blocks as stored (13.8 GB each)
+    in host memory; the resume checkpoint is two sets of activations (3.76 GB each at 128 x 512)."""
+    from quantbook.calibrate import registry, resources, settings
+    from quantbook.release.format import load_config
 
-    src = write_sparse_release(PRO_CONFIG, tmp_path / "pro")
-    q = settings.normalize({"driver": "streaming", "hf_ptq": {"pyt_ckpt_path": str(src), "calib_size": 128,
-                                                              "calib_seq": 512, "batch_size": 16, "device": "cpu"}})
-    r = estimate_resources(q, tmp_path / "run")["streaming"]
-    assert 51.5e9 < r["block_bf16_bytes"] < 52e9
-    assert r["activation_bytes"] == 128 * 512 * 7168 * 4 * 2 == 3_758_096_384
-    assert 13.5e9 < r["block_stored_bytes"] < 14e9
+    cfg = load_config(pro_release)
+    hf = {"pyt_ckpt_path": str(pro_release), "calib_size": 128, "calib_seq": 512, "batch_size": 16, "device": "cuda"}
+    q = settings.normalize({"driver": "streaming", "hf_ptq": hf})
+    s = {**settings.HF_PTQ_DEFAULTS, **hf}
+    act = 128 * 512 * 7168 * 4 * 2
+    assert act == 3_758_096_384
+    need = registry.get("streaming").memory_need(cfg, s, q)
+    assert 51.5e9 < need.unit < 52e9 and need.model == 0
+    assert need.gpu == 2 * act + act // 4
+    assert 2 * 13.5e9 + act < need.host < 2 * 14e9 + act
+    two = registry.get("streaming").memory_need(cfg, s, {**q, "gpus": 2})
+    assert two.gpu == need.gpu // 2 and two.unit == need.unit
+    assert resources.run_dir_bytes(cfg, s, q, 0)[1] == 2 * act
+    placed = resources.check_memory(need, "cuda", 0.7, 2 * 2**40, [{"gpu": 0, "free": 179 * 2**30, "total": 0}])
+    assert placed["problems"] == [] and placed["placed"][0]["units"] >= 1  # a B200 holds a block and its batches
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,7 +402,7 @@ def test_chain_with_the_streaming_driver_passes_verify(tiny_chain, tmp_path):
     raw = yaml.safe_load(tiny_chain["params"].read_text())
     raw["name"] = "tiny-streaming"
     raw["dequant"]["destination"] = raw["export"]["reference"] = str(tmp_path / "bf16")
-    raw["quantize"].update(driver="streaming")
+    raw["quantize"].update(driver="streaming", export_generic=False)
     raw["quantize"]["hf_ptq"].update(pyt_ckpt_path=raw["dequant"]["source"], export_path=str(tmp_path / "unused"))
     raw["export"]["dir"] = str(tmp_path / "export")
     params = tmp_path / "streaming.yaml"
@@ -400,7 +423,7 @@ def test_chain_with_the_streaming_driver_passes_verify(tiny_chain, tmp_path):
 
     out02, images02 = text("02_quantize.ipynb")
     assert "calibrated from the first block: 5 blocks in this run" in out02
-    assert "writes no export of its own" in out02 and "dequant + build" in out02
+    assert "nothing to verify: driver streaming never holds the whole model" in out02 and "dequant + build" in out02
     assert images02 >= 3  # the per-block timeline, the token-count heat map, the memory timeline
     out03, _ = text("03_recover_export.ipynb")
     assert "no calibrated state by design" in out03 and "verdict: pass" in out03
@@ -414,6 +437,7 @@ def test_chain_with_the_streaming_driver_passes_verify(tiny_chain, tmp_path):
 def test_record_timeline_and_reports(streamed):
     """quantize.json holds a timeline row per block; notebook 02's tables and figure come from it."""
     from quantbook.calibrate import report
+    from quantbook.calibrate.driver import generic_export_dir
     from quantbook.records.memory import read_memory
 
     rec = streamed["record"]
@@ -427,7 +451,7 @@ def test_record_timeline_and_reports(streamed):
     assert list(t.index) == [r["block"] for r in rows] and t["calibrate"].notna().all()
     assert report.plot_timeline(rec) is not None
     assert report.resume_summary(rec) == "calibrated from the first block: 5 blocks in this run"
-    assert not report.wrote_export(rec) and "writes no export" in report.no_export_note(rec)
+    assert generic_export_dir(rec) is None and "never holds the whole model" in rec["export"]["why"]
     out = report.outputs_table(streamed["dir"], rec)
     assert "calibrated state" not in out.index and "block checkpoint (resume)" in out.index
     q = report.quantizer_table(streamed["dir"])
@@ -480,3 +504,20 @@ def test_checkpoint_dir_keeps_only_what_the_manifest_names(tmp_path):
     (d / "amax.layers.0.safetensors").unlink()
     with pytest.raises(StateError, match="amax.layers.0.safetensors"):
         bc.check_dir(tmp_path, sig, ["layers.0", "layers.1"])
+
+
+def test_preflight_of_the_production_params_on_the_node(pro_release, tmp_path):
+    """params/v4_pro_b200.yaml as it is (driver streaming) on the sparse full-size release and the
+    described 8x B200 node: a PASS, one block on a GPU, no step 01 and no BF16 copy planned."""
+    from pro_support import b200, calib_file, pro_params
+
+    from quantbook.preflight import preflight
+
+    p = pro_params(tmp_path, pro_release, calib_file(tmp_path / "calib.jsonl"), driver="streaming")
+    v = preflight(p, machine=b200(), runs_dir=tmp_path / "runs")
+    assert v.ok, v.refusals
+    memory = next(c for c in v.checks if c["step"] == "02" and c["area"] == "memory")
+    assert memory["item"].startswith("one block at a time: 48.13 GiB in BF16")
+    assert {d["output"] for d in v.disk} == {"amax + block checkpoint (resume)", "v4-serving export"}
+    assert next(r for r in v.plan if r["step"] == "01")["runs"] == "no"
+    assert next(r for r in v.plan if r["step"] == "02")["what"] == "calibrate (streaming, 61 layers)"

@@ -43,6 +43,5 @@ def quantize(q: dict, run_dir: str | Path, progress: bool = True, facts: dict | 
     run_dir.mkdir(parents=True, exist_ok=True)
     facts = dict(facts or preflight(q, run_dir))
     res = facts["resources"]
-    facts["resources"] = {k: res[k] for k in ("model_bytes", "export_bytes", "layerwise_bytes", "disk", "streaming")
-                          if k in res}
+    facts["resources"] = {k: res[k] for k in ("model_bytes", "export_bytes", "layerwise_bytes", "disk")}
     return registry.get(q["driver"]).run(q, run_dir, progress=progress, facts=facts)

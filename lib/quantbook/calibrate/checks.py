@@ -116,6 +116,9 @@ def streaming_problems(q: dict, settings: dict, model_config: dict | None) -> li
         problems.append(f"quantize.hf_ptq.qformat: {settings.get('qformat')!r}; driver streaming calibrates "
                         "nvfp4_experts_only only (the routed experts, the layout engines serve); use driver "
                         "modelopt on the BF16 copy for other formats")
+    if q.get("export_generic"):
+        problems.append("quantize.export_generic: driver streaming never holds the whole model, so it cannot write "
+                        "modelopt's generic export (step 03 writes the v4-serving layout): set it false")
     if q.get("layerwise"):
         problems.append("quantize.layerwise: driver streaming is already per block and resumable "
                         "(quantize.save_every); modelopt's layerwise mode needs the whole model: set it false")
