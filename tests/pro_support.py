@@ -14,13 +14,21 @@ REPO = Path(__file__).resolve().parents[1]
 TIB, GIB = 2**40, 2**30
 
 
-def pro_params(base: Path, release: Path, calib: Path | None = None, **sections) -> dict:
+def pro_params(base: Path, release: Path, calib: Path | None = None, driver: str = "modelopt", **sections) -> dict:
     """params/v4_pro_b200.yaml with the release at `release` and every output under `base` (and the
     hub datasets replaced by a local file with enough samples, when `calib` is given); `sections`
-    update keys of a section ("quantize.hf_ptq": {...})."""
+    update keys of a section ("quantize.hf_ptq": {...}).
+
+    The file calibrates with the streaming driver, from the release (`driver="streaming"`: as it is).
+    `driver="modelopt"` (the default here) gives its whole-model form, the one these tests check the
+    whole-model refusals and placement with: driver modelopt on step 01's BF16 copy, which is also
+    the verifier's reference."""
     text = (REPO / "params" / "v4_pro_b200.yaml").read_text()
     text = text.replace("/data/models/DeepSeek-V4-Pro-FP8", str(release)).replace("/data/models/", f"{base}/out/")
     p = yaml.safe_load(text)
+    if driver != "streaming":
+        p["quantize"]["driver"] = driver
+        p["quantize"]["hf_ptq"]["pyt_ckpt_path"] = p["export"]["reference"] = p["dequant"]["destination"]
     if calib is not None:
         p["quantize"]["hf_ptq"].update(dataset=str(calib), calib_size=128)
     for where, values in sections.items():

@@ -32,16 +32,29 @@ def refused(q, config, *needles):
     return str(e.value)
 
 
-def test_production_params_pass_and_read_the_bf16_copy(production):
+def test_production_params_pass_and_stream_the_release(production):
     params = load_params(ROOT / "params" / "v4_pro_b200.yaml")
-    assert production["hf_ptq"]["pyt_ckpt_path"] == params["dequant"]["destination"]  # YAML anchor
+    assert production["driver"] == "streaming"
+    assert production["hf_ptq"]["pyt_ckpt_path"] == params["dequant"]["source"]  # YAML anchor: the release
     s = production["hf_ptq"]
     assert (s["qformat"], s["kv_cache_qformat"], s["calib_seq"]) == ("nvfp4_experts_only", "fp8_cast", 512)
     assert sum(n for _, n in calib_samples(s)) == 128
     assert s["use_seq_device_map"] is True and s["gpu_max_mem_percentage"] == 0.7
     assert s["inference_tensor_parallel"] == 8
-    check_quantize_settings(production, PRO_BF16)
+    check_quantize_settings(production, PRO_RELEASED)
     check_quantize_settings(production, None)
+    refused(production, PRO_BF16, "driver streaming reads the released", "no quantization_config")
+    # the whole-model drivers on the BF16 copy, as before
+    whole = {**production, "driver": "modelopt", "hf_ptq": {**s, "pyt_ckpt_path": params["dequant"]["destination"]}}
+    check_quantize_settings(whole, PRO_BF16)
+
+
+@pytest.fixture
+def whole_model(production):
+    """The production settings on the modelopt driver and the BF16 copy (what the refusals below guard)."""
+    params = load_params(ROOT / "params" / "v4_pro_b200.yaml")
+    return {**production, "driver": "modelopt",
+            "hf_ptq": {**production["hf_ptq"], "pyt_ckpt_path": params["dequant"]["destination"]}}
 
 
 def test_config_kinds():
@@ -52,26 +65,26 @@ def test_config_kinds():
 @pytest.mark.parametrize("bad, right", [("quant", "qformat"), ("calib", "calib_size"),
                                         ("kv_cache_quant", "kv_cache_qformat"), ("tp", "inference_tensor_parallel"),
                                         ("--quant", "qformat")])
-def test_shell_script_flag_names_refused_with_the_right_names(production, bad, right):
-    production["hf_ptq"][bad] = "nvfp4"
-    msg = refused(production, PRO_BF16, f"`{right}`", "shell-script")
+def test_shell_script_flag_names_refused_with_the_right_names(whole_model, bad, right):
+    whole_model["hf_ptq"][bad] = "nvfp4"
+    msg = refused(whole_model, PRO_BF16, f"`{right}`", "shell-script")
     for hf_name in ("--qformat", "--calib_size", "--kv_cache_qformat", "--inference_tensor_parallel"):
         assert hf_name in msg
 
 
-def test_low_memory_mode_refused_for_v4(production):
-    production["hf_ptq"]["low_memory_mode"] = True
-    refused(production, PRO_BF16, "low_memory_mode", "meta")
-    refused(production, None, "low_memory_mode")  # unknown model: this project only quantizes V4
-    production["hf_ptq"]["low_memory_mode"] = False
-    check_quantize_settings(production, PRO_BF16)
+def test_low_memory_mode_refused_for_v4(whole_model):
+    whole_model["hf_ptq"]["low_memory_mode"] = True
+    refused(whole_model, PRO_BF16, "low_memory_mode", "meta")
+    refused(whole_model, None, "low_memory_mode")  # unknown model: this project only quantizes V4
+    whole_model["hf_ptq"]["low_memory_mode"] = False
+    check_quantize_settings(whole_model, PRO_BF16)
     llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
-    check_quantize_settings({**production, "hf_ptq": {**production["hf_ptq"], "low_memory_mode": True}}, llama)
+    check_quantize_settings({**whole_model, "hf_ptq": {**whole_model["hf_ptq"], "low_memory_mode": True}}, llama)
 
 
-def test_fp8_source_refused(production):
-    production["hf_ptq"]["pyt_ckpt_path"] = "/data/models/DeepSeek-V4-Pro-FP8"
-    refused(production, PRO_RELEASED, "quantized", "'fp8'", "BF16 copy", "run 1")
+def test_fp8_source_refused(whole_model):
+    whole_model["hf_ptq"]["pyt_ckpt_path"] = "/data/models/DeepSeek-V4-Pro-FP8"
+    refused(whole_model, PRO_RELEASED, "quantized", "'fp8'", "BF16 copy", "run 1")
 
 
 @pytest.mark.parametrize("dataset, calib_size, total", [
@@ -80,12 +93,19 @@ def test_fp8_source_refused(production):
     ("cnn_dailymail,nemotron-post-training-dataset-v2", "200,100", 300),
     (None, None, 1024),  # hf_ptq's defaults: the cnn_nemotron_v2_mix combo, 1024 samples
 ])
-def test_256_samples_on_the_pro_node_refused(production, dataset, calib_size, total):
-    production["hf_ptq"].update(dataset=dataset, calib_size=calib_size)
-    msg = refused(production, PRO_BF16, "calib_size", f"{total} calibration samples", "host memory")
+def test_256_samples_on_the_pro_node_refused(whole_model, dataset, calib_size, total):
+    whole_model["hf_ptq"].update(dataset=dataset, calib_size=calib_size)
+    msg = refused(whole_model, PRO_BF16, "calib_size", f"{total} calibration samples", "host memory")
     assert "EACH dataset" in msg
-    refused(production, None, f"{total} calibration samples")
-    check_quantize_settings(production, TINY_BF16)  # the limit is the Pro node's memory, not a rule for tiny
+    refused(whole_model, None, f"{total} calibration samples")
+    check_quantize_settings(whole_model, TINY_BF16)  # the limit is the Pro node's memory, not a rule for tiny
+
+
+def test_256_samples_streamed_are_not_the_offload_problem(production):
+    """The 256-sample limit is the whole-model drivers' (3.2 TB BF16 offloaded to host memory); the
+    streaming driver holds one block and the activations (7 GiB at 256 x 512 on V4 Pro)."""
+    production["hf_ptq"].update(calib_size=[128, 128])
+    check_quantize_settings(production, PRO_RELEASED)
 
 
 def test_calib_samples_follows_hf_ptq_padding():
@@ -100,43 +120,43 @@ def test_calib_samples_follows_hf_ptq_padding():
 
 
 @pytest.mark.parametrize("bs", [None, 0, -1, "4", True])
-def test_batch_size_must_be_set(production, bs):
-    production["hf_ptq"]["batch_size"] = bs
-    refused(production, PRO_BF16, "batch_size", "probe")
+def test_batch_size_must_be_set(whole_model, bs):
+    whole_model["hf_ptq"]["batch_size"] = bs
+    refused(whole_model, PRO_BF16, "batch_size", "probe")
 
 
-def test_every_problem_reported_at_once(production):
-    production["hf_ptq"].update(low_memory_mode=True, tp=8, calib_size=256, batch_size=0)
-    production["driver"] = "hfptq"
-    msg = refused(production, PRO_BF16)
+def test_every_problem_reported_at_once(whole_model):
+    whole_model["hf_ptq"].update(low_memory_mode=True, tp=8, calib_size=256, batch_size=0)
+    whole_model["driver"] = "hfptq"
+    msg = refused(whole_model, PRO_BF16)
     for n in ("low_memory_mode", "inference_tensor_parallel", "512 calibration samples", "batch_size",
               "quantize.driver"):
         assert n in msg
     assert msg.count("\n  - ") == 5
 
 
-def test_section_shape(production):
-    refused({**production, "hf_ptq": None}, PRO_BF16, "mapping")
-    refused({**production, "force": "yes"}, PRO_BF16, "quantize.force")
-    refused({**production, "layerwise_save_every": 0}, PRO_BF16, "layerwise_save_every")
-    production["hf_ptq"]["--qformat"] = "nvfp4"
-    refused(production, PRO_BF16, "without dashes")
+def test_section_shape(whole_model):
+    refused({**whole_model, "hf_ptq": None}, PRO_BF16, "mapping")
+    refused({**whole_model, "force": "yes"}, PRO_BF16, "quantize.force")
+    refused({**whole_model, "layerwise_save_every": 0}, PRO_BF16, "layerwise_save_every")
+    whole_model["hf_ptq"]["--qformat"] = "nvfp4"
+    refused(whole_model, PRO_BF16, "without dashes")
 
 
-def test_full_nvfp4_on_v4_warns(production):
-    production["hf_ptq"]["qformat"] = "nvfp4"
+def test_full_nvfp4_on_v4_warns(whole_model):
+    whole_model["hf_ptq"]["qformat"] = "nvfp4"
     with pytest.warns(UserWarning, match="no serving engine"):
-        check_quantize_settings(production, PRO_BF16)
-    production["hf_ptq"]["qformat"] = "nvfp4_experts_only"
+        check_quantize_settings(whole_model, PRO_BF16)
+    whole_model["hf_ptq"]["qformat"] = "nvfp4_experts_only"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        check_quantize_settings(production, PRO_BF16)
+        check_quantize_settings(whole_model, PRO_BF16)
 
 
-def test_layerwise_with_hf_ptq_needs_a_recipe(production):
-    production.update(driver="hf_ptq", layerwise=True)
-    refused(production, PRO_BF16, "recipe")
-    production["hf_ptq"]["recipe"] = "general/ptq/nvfp4_experts_only-kv_fp8_layerwise"
-    check_quantize_settings(production, PRO_BF16)
-    check_quantize_settings({**production, "driver": "modelopt", "hf_ptq": {**production["hf_ptq"], "recipe": None}},
+def test_layerwise_with_hf_ptq_needs_a_recipe(whole_model):
+    whole_model.update(driver="hf_ptq", layerwise=True)
+    refused(whole_model, PRO_BF16, "recipe")
+    whole_model["hf_ptq"]["recipe"] = "general/ptq/nvfp4_experts_only-kv_fp8_layerwise"
+    check_quantize_settings(whole_model, PRO_BF16)
+    check_quantize_settings({**whole_model, "driver": "modelopt", "hf_ptq": {**whole_model["hf_ptq"], "recipe": None}},
                             PRO_BF16)

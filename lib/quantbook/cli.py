@@ -157,13 +157,16 @@ def cmd_quantize(a) -> int:
     params = load_params(a.params)
     run_id = a.run_id or time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(a.runs_dir) / run_id
-    print(f"quantize: run {run_id} -> {run_dir} (rerun with --run-id {run_id} to resume a layerwise calibration)")
+    print(f"quantize: run {run_id} -> {run_dir} (rerun with --run-id {run_id} to resume a layerwise or streaming "
+          "calibration)")
     rec = quantize(params.get("quantize") or {}, run_dir)
     cov = rec.get("expert_coverage") or {}
     generic = generic_export_dir(rec)
-    print(f"{rec['status']}: generic export {generic or 'not written (quantize.export_generic: false)'}; "
-          f"state {run_dir / 'state'}; amax {run_dir / 'amax.safetensors'} (step 03 exports from it); "
-          f"amax repaired: {len(rec.get('post_calibration', {}).get('amax_repairs', []))}; "
+    post = rec.get("post_calibration") or {}
+    state = f"state {run_dir / 'state'}; " if post.get("state") else ""
+    print(f"{rec['status']}: generic export {generic or 'not written'}; {state}"
+          f"amax {run_dir / 'amax.safetensors'} (step 03 exports from it); "
+          f"amax repaired: {len(post.get('amax_repairs', []))}; "
           f"experts never routed: {cov.get('experts_never_routed')}")
     return 0
 
@@ -258,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="step 02: calibrate with modelopt and export (driver from params)")
     p.add_argument("params", help="params YAML (its quantize: section)")
     p.add_argument("--run-id", default=None, help="run directory name under --runs-dir (default: a timestamp); "
-                   "the same id resumes a killed layerwise calibration")
+                   "the same id resumes a killed layerwise or streaming calibration")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--export-only", action="store_true",
                    help="export from the run's saved amax/state (params export: section) and verify; no calibration")

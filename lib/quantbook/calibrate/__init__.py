@@ -5,10 +5,13 @@
 
 `q` is the `quantize:` section of a params file; `q["driver"]` names a driver in `registry`
 (`modelopt`: hf_ptq's pipeline on modelopt's API; `hf_ptq`: modelopt's own hf_ptq.py from a
-checkout). Modules: `settings` (defaults, hf_ptq flag names), `checks` (settings refused with
-the reason), `driver` (the interface and the scaffolding every driver runs in), `hf_model`
-(load, data, config and export as hf_ptq does them), `resources`, `patches`, `state` (amax
-snapshot and cheap calibrated state), `data` (calibration text, token counts), `report`.
+checkout; `streaming`: block by block from the release, no BF16 copy). Modules: `settings`
+(defaults, hf_ptq flag names), `checks` (settings refused with the reason), `driver` (the
+interface and the scaffolding every driver runs in), `hf_model` (load, data, config and export as
+hf_ptq does them), `resources`, `patches`, `state` (amax snapshot and cheap calibrated state),
+`data` (calibration text, token counts), `report`; the streaming driver's own `blocks` (a release
+block as transformers' layer), `mtp` (the MTP block), `block_checkpoint` (resume state) and
+`distributed` (processes, exact reductions).
 """
 
 from __future__ import annotations

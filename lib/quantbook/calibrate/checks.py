@@ -2,11 +2,12 @@
 
 Every refusal here is a mistake that cost the predecessor a run on the 8x B200 node (about
 $160 and up to 7 hours each, ../shared/docs/anchors.md): it failed only after the model had been
-loading for most of an hour. Both drivers and the notebook's preflight call
-`check_quantize_settings`, so a refused setting fails in well under a second, on any machine.
+loading for most of an hour. Every driver and the notebook's preflight call
+`check_quantize_settings`, so a refused setting fails in well under a second, on any machine;
+what the streaming driver cannot run is refused there too (`streaming_problems`).
 
 The settings are the `quantize:` section of a params file; `quantize.hf_ptq` holds them in
-hf_ptq's own flag names (argparse dests), which both drivers read.
+hf_ptq's own flag names (argparse dests), which every driver reads.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ SHELL_SCRIPT_NAMES = {
 # hf_ptq's defaults for the settings checked here (examples/hf_ptq/hf_ptq.py, 0.44-0.47).
 HF_PTQ_DEFAULT_CALIB_SIZE = "1024"
 HF_PTQ_DEFAULT_DATASETS = ("cnn_nemotron_v2_mix",)
+
+# The `quantize:` keys only the streaming driver reads, with the defaults every other driver keeps.
+STREAMING_DEFAULTS = {
+    "gpus": 1,  # processes, one per GPU, through torch.distributed
+    "save_every": 1,  # blocks between resume checkpoints
+    "mtp": "calibrate",  # calibrate | skip: the MTP block's routed experts
+}
+MTP_CHOICES = ("calibrate", "skip")
 
 # On the 8x B200 node (2-2.7 TB host RAM) with V4 Pro's 3.2 TB BF16 copy offloaded, 256
 # calibration samples ran the host out of memory; 128 is the proven setting.
@@ -81,6 +90,57 @@ def calib_samples(settings: dict) -> list[tuple[str, int]]:
     return list(zip(datasets, sizes))
 
 
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def streaming_problems(q: dict, settings: dict, model_config: dict | None) -> list[str]:
+    """Why the streaming driver cannot run these settings (each with its reason); [] when it can.
+
+    It calibrates max amax of the routed experts block by block from the release, so it refuses
+    what needs a whole model or other data than one block's inputs: recipes (their algorithm and
+    layerwise settings are modelopt's), layerwise, other formats; and more processes than batches
+    (a process without a batch would skip modelopt's amax all-reduce while the others wait in it).
+    """
+    problems = []
+    if model_config is not None and not model_config.get("quantization_config"):
+        problems.append(
+            "quantize.hf_ptq.pyt_ckpt_path: driver streaming reads the released FP8/FP4 checkpoint "
+            "(dequant.source) block by block and dequantizes it itself; this checkpoint has no "
+            "quantization_config (a BF16 copy?): point pyt_ckpt_path at the release")
+    if settings.get("recipe"):
+        problems.append(f"quantize.hf_ptq.recipe: {settings['recipe']!r}; driver streaming runs the "
+                        "nvfp4_experts_only preset (max calibration of the routed experts) only; a recipe may "
+                        "carry another algorithm or modelopt's layerwise mode, which need the whole model")
+    if settings.get("qformat") != "nvfp4_experts_only":
+        problems.append(f"quantize.hf_ptq.qformat: {settings.get('qformat')!r}; driver streaming calibrates "
+                        "nvfp4_experts_only only (the routed experts, the layout engines serve); use driver "
+                        "modelopt on the BF16 copy for other formats")
+    if q.get("export_generic"):
+        problems.append("quantize.export_generic: driver streaming never holds the whole model, so it cannot write "
+                        "modelopt's generic export (step 03 writes the v4-serving layout): set it false")
+    if q.get("layerwise"):
+        problems.append("quantize.layerwise: driver streaming is already per block and resumable "
+                        "(quantize.save_every); modelopt's layerwise mode needs the whole model: set it false")
+    for key in ("gpus", "save_every"):
+        if not _positive_int(q.get(key, 1)):
+            problems.append(f"quantize.{key}: expected a positive int, got {q.get(key)!r}")
+    if q.get("mtp", "calibrate") not in MTP_CHOICES:
+        problems.append(f"quantize.mtp: {q.get('mtp')!r}; choose one of {list(MTP_CHOICES)}")
+    bs = settings.get("batch_size")
+    gpus = q.get("gpus", 1)
+    if _positive_int(gpus) and _positive_int(bs):
+        try:
+            batches = -(-sum(n for _, n in calib_samples(settings)) // bs)
+        except ParamsError:
+            batches = None
+        if batches is not None and gpus > batches:
+            problems.append(f"quantize.gpus: {gpus} processes for {batches} calibration batches (batch_size {bs}); "
+                            "each process needs a batch (one without would skip modelopt's amax all-reduce "
+                            f"while the others wait in it): use at most {batches} or a smaller batch_size")
+    return problems
+
+
 def check_quantize_settings(q: dict, model_config: dict | None) -> None:
     """Raise ParamsError naming every refused setting of a `quantize:` section, with reasons.
 
@@ -117,16 +177,24 @@ def check_quantize_settings(q: dict, model_config: dict | None) -> None:
             "predecessor's runs (and has an open upstream issue with broken NVFP4 scales); load normally "
             "with use_seq_device_map + gpu_max_mem_percentage instead")
 
-    if model_config is not None and model_config.get("quantization_config"):
+    streaming = driver in registry.names() and not registry.get(driver).needs_bf16_copy
+    quantized = model_config is not None and model_config.get("quantization_config")
+    if quantized and not streaming:
         qc = model_config["quantization_config"]
         method = qc.get("quant_method") if isinstance(qc, dict) else qc
         problems.append(
             f"quantize.hf_ptq.pyt_ckpt_path: the source checkpoint is quantized (quant_method {method!r}, "
             f"expert_dtype {model_config.get('expert_dtype')!r}); calibrate the BF16 copy that step 01 "
-            "writes (dequant.destination). The predecessor's run 1 on the FP8 source failed in "
-            "transformers' fine-grained FP8 path (attention projections wrapped with the wrong shapes "
-            "on Blackwell), and FP8 experts load as a class modelopt does not hook, so they would go "
-            "uncalibrated")
+            "writes (dequant.destination), or use driver streaming, which reads the release itself. The "
+            "predecessor's run 1 on the FP8 source failed in transformers' fine-grained FP8 path (attention "
+            "projections wrapped with the wrong shapes on Blackwell), and FP8 experts load as a class "
+            "modelopt does not hook, so they would go uncalibrated")
+    if streaming:
+        problems += streaming_problems(q, settings, model_config)
+    else:
+        problems += [f"quantize.{k}: {q[k]!r} is read by driver streaming only (driver {driver!r} takes the "
+                     f"default {STREAMING_DEFAULTS[k]!r})"
+                     for k in STREAMING_DEFAULTS if k in q and q[k] != STREAMING_DEFAULTS[k]]
 
     try:
         pairs = calib_samples(settings)
@@ -134,7 +202,8 @@ def check_quantize_settings(q: dict, model_config: dict | None) -> None:
         problems.append(str(e))
         pairs = []
     total = sum(n for _, n in pairs)
-    if pairs and total > PRO_MAX_CALIB_SAMPLES and (model_config is None or is_v4_pro(model_config)):
+    # the limit is the whole model's offload; the streaming driver holds one block and the activations
+    if pairs and total > PRO_MAX_CALIB_SAMPLES and not streaming and (model_config is None or is_v4_pro(model_config)):
         per = ", ".join(f"{n} from {d}" for d, n in pairs)
         problems.append(
             f"quantize.hf_ptq.calib_size: {settings.get('calib_size', HF_PTQ_DEFAULT_CALIB_SIZE)!r} gives "

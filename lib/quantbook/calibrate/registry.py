@@ -15,6 +15,7 @@ from ..errors import ParamsError
 BUILTIN = {
     "modelopt": "quantbook.calibrate.modelopt_driver:ModeloptDriver",
     "hf_ptq": "quantbook.calibrate.hf_ptq_driver:HfPtqDriver",
+    "streaming": "quantbook.calibrate.streaming_driver:StreamingDriver",
 }
 ENTRY_POINT_GROUP = "quantbook.drivers"
 

@@ -13,6 +13,8 @@ import pandas as pd
 from .. import amax
 from . import patches, state
 from .data import coverage
+from . import registry
+from .checks import STREAMING_DEFAULTS
 from .driver import RESULT, SUMMARY, generic_export_dir
 from .resources import size
 from .settings import calib_plan, writes_generic_export
@@ -20,6 +22,7 @@ from .settings import calib_plan, writes_generic_export
 FLAGS = ("qformat", "kv_cache_qformat", "recipe", "use_seq_device_map", "gpu_max_mem_percentage",
          "inference_tensor_parallel", "skip_generate")
 RUN_FLAGS = ("layerwise", "layerwise_save_every", "save_full_state", "force")
+STREAMING_KEYS = tuple(STREAMING_DEFAULTS)
 
 
 def _table(rows: list[tuple], columns: list[str], index: str | None = None) -> pd.DataFrame:
@@ -40,11 +43,23 @@ def preflight_summary(facts: dict, q: dict, run_dir: str | Path) -> pd.DataFrame
                   f"{cfg.get('n_routed_experts')} routed experts, {size(res['model_bytes'])} of weights"),
         ("calibration", ", ".join(f"{n} samples from {d}" for d, n in zip(datasets, sizes))
          + f"; calib_seq {s['calib_seq']}; batch_size {s['batch_size']}; device {s['device']}"),
-        ("generic export (estimate)", size(res["export_bytes"]) if writes_generic_export(q) else
-         "not written (quantize.export_generic: false)"),
-        ("calibrated state", "< 64 MiB" + (f" + full state {size(res['model_bytes'])}" if q["save_full_state"] else "")),
-        ("host memory available", size(res["host_available"])),
     ]
+    if registry.get(q["driver"]).loads_whole_model:
+        rows += [("generic export (estimate)", size(res["export_bytes"]) if writes_generic_export(q) else
+                  "not written (quantize.export_generic: false)"),
+                 ("calibrated state", "< 64 MiB" + (f" + full state {size(res['model_bytes'])}"
+                                                    if q["save_full_state"] else ""))]
+    else:
+        df = facts.get("driver_facts") or {}
+        rows += [("blocks", f"{len(df.get('blocks', []))} ({', '.join(df.get('blocks', [])[-2:])} last), "
+                            f"MTP {df.get('mtp')}; {q['gpus']} process(es)"),
+                 ("memory (estimate)", res["memory"]["need"]["what"]),
+                 ("export", "none: step 03 writes the v4-serving layout from the release + the amax"),
+                 ("resume checkpoint", f"~{size(res['layerwise_bytes'])} in {Path(run_dir) / 'streaming'} (saved "
+                                       f"every {q['save_every']} block(s)); no calibrated state (no whole model)")]
+        if df.get("ignored_flags"):
+            rows.append(("ignored (whole-model loading/export flags)", ", ".join(df["ignored_flags"])))
+    rows.append(("host memory available", size(res["host_available"])))
     if q["layerwise"]:
         paths = state.layerwise_paths(run_dir)
         progress = state.modelopt_progress(paths["ckpt"])
@@ -57,9 +72,10 @@ def preflight_summary(facts: dict, q: dict, run_dir: str | Path) -> pd.DataFrame
 
 
 def flags_table(facts: dict, q: dict) -> pd.DataFrame:
-    """The hf_ptq flags that shape the export, and the run's own switches."""
+    """The hf_ptq flags that shape the export, and the run's own switches (the driver's)."""
     s = facts["settings"]
-    return _table([(k, s.get(k)) for k in FLAGS] + [(k, q[k]) for k in RUN_FLAGS], ["flag", "value"], "flag")
+    run_flags = RUN_FLAGS + (() if registry.get(q["driver"]).loads_whole_model else STREAMING_KEYS)
+    return _table([(k, s.get(k)) for k in FLAGS] + [(k, q[k]) for k in run_flags], ["flag", "value"], "flag")
 
 
 def disk_table(facts: dict) -> pd.DataFrame:
@@ -135,20 +151,31 @@ def outputs_table(run_dir: str | Path, rec: dict) -> pd.DataFrame:
     def tree(p: Path) -> int:
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
 
-    man = state.load_manifest(run_dir / state.STATE_DIR)
     rows = []
     export_dir = generic_export_dir(rec)
     if export_dir is not None and export_dir.exists():
         rows.append(("export (unified HF, NVFP4)", str(export_dir), size(tree(export_dir))))
     elif export_dir is None:
-        rows.append(("export (unified HF, NVFP4)", "not written (quantize.export_generic: false)", ""))
-    rows.append(("calibrated state", str(run_dir / state.STATE_DIR), size(sum(v["size"] for v in man["files"].values()))))
+        rows.append(("export (unified HF, NVFP4)", _not_written(rec), ""))
+    if (rec.get("post_calibration") or {}).get("state"):
+        man = state.load_manifest(run_dir / state.STATE_DIR)
+        rows.append(("calibrated state", str(run_dir / state.STATE_DIR),
+                     size(sum(v["size"] for v in man["files"].values()))))
+    if rec.get("streaming"):
+        d = Path(rec["streaming"]["checkpoint_dir"])
+        rows.append(("block checkpoint (resume)", str(d), size(tree(d))))
     for what, name in (("amax snapshot", amax.SNAPSHOT), ("expert token counts", amax.TOKEN_COUNTS)):
         rows.append((what, str(run_dir / name), size(tree(run_dir / name))))
     if (run_dir / state.LAYERWISE_DIR).exists():
         rows.append(("layerwise checkpoint", str(run_dir / state.LAYERWISE_DIR), size(tree(run_dir / state.LAYERWISE_DIR))))
     rows.append(("run record", str(run_dir / RESULT), size(tree(run_dir / RESULT))))
     return _table(rows, ["what", "path", "size"], "what")
+
+
+def _not_written(rec: dict) -> str:
+    if registry.get(rec.get("driver") or "modelopt").loads_whole_model:
+        return "not written (quantize.export_generic: false)"
+    return f"not written (driver {rec['driver']} never holds the whole model)"
 
 
 def token_counts(run_dir: str | Path) -> dict[str, list[int]]:
@@ -167,3 +194,68 @@ def verify_generic_export(rec: dict, run_dir: str | Path, reference: str | Path 
     verify.write_result(checked, run_dir, stem="verify-02")
     return checked
 
+
+
+def has_timeline(rec: dict) -> bool:
+    return bool(rec.get("timeline"))
+
+
+TIMELINE_COLUMNS = {"read_s": "read", "read_wait_s": "read (waited)", "dequant_s": "dequant + build",
+                    "calibrate_s": "calibrate", "forward_s": "(forward)", "record_s": "record", "reduce_s": "reduce",
+                    "write_s": "write (background)", "write_wait_s": "write (waited)", "total_s": "total"}
+
+
+def timeline_table(rec: dict) -> pd.DataFrame:
+    """Per block: seconds per phase, bytes read and the read rate, peak GPU and host memory, and
+    whether this run computed it (False: saved by an earlier, interrupted run)."""
+    rows = []
+    for t in rec["timeline"]:
+        row = {"block": t["block"], "this run": t.get("this_run", True)}
+        for k, label in TIMELINE_COLUMNS.items():
+            row[label] = round(t[k], 2) if k in t else None
+        row["read GiB"] = round(t["read_bytes"] / 2**30, 3) if "read_bytes" in t else None
+        row["read GiB/s"] = round(t["read_bytes"] / 2**30 / t["read_s"], 2) if t.get("read_s") else None
+        row["GPU peak GiB"] = round(t["gpu_peak_bytes"] / 2**30, 2) if "gpu_peak_bytes" in t else None
+        row["host peak GiB"] = round(t.get("host_peak_bytes", t.get("host_rss_bytes", 0)) / 2**30, 2) or None
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("block")
+
+
+def plot_timeline(rec: dict):
+    """Seconds per block stacked by phase (read waited, dequant, calibrate, record, reduce, write waited) and
+    peak memory per block (GPU where recorded, else host); blocks from an earlier run hatched."""
+    import matplotlib.pyplot as plt
+
+    t = timeline_table(rec)
+    phases = ["read (waited)", "dequant + build", "calibrate", "record", "reduce", "write (waited)"]
+    fig, (ax, mem) = plt.subplots(2, 1, figsize=(max(6, 0.5 * len(t) + 3), 5.5), sharex=True)
+    x = range(len(t))
+    bottom = [0.0] * len(t)
+    for ph in phases:
+        vals = [v if v == v and v is not None else 0.0 for v in t[ph].tolist()]
+        ax.bar(x, vals, bottom=bottom, label=ph)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    for i, this_run in enumerate(t["this run"].tolist()):
+        if not this_run:
+            ax.bar([i], [bottom[i]], fill=False, hatch="//", edgecolor="gray", lw=0)
+    ax.plot(list(x), [v or 0 for v in t["read"].tolist()], "k.", label="read (background)")
+    ax.set_ylabel("seconds")
+    ax.set_title("per block: where the time went (hatched: saved by an earlier run)", fontsize=9, loc="left")
+    ax.legend(fontsize=7, ncol=3)
+    col = "GPU peak GiB" if t["GPU peak GiB"].notna().any() else "host peak GiB"
+    mem.bar(x, t[col].fillna(0).tolist(), color="#8172b3")
+    mem.set_ylabel(col)
+    mem.set_xticks(list(x), t.index.tolist(), rotation=90, fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def resume_summary(rec: dict) -> str:
+    """Where the run started: from the first block, or resumed after an interrupted run."""
+    st = rec.get("streaming") or {}
+    done_before = [t["block"] for t in rec.get("timeline", []) if not t.get("this_run", True)]
+    if st.get("resumed_from"):
+        return (f"resumed at {st['resumed_from']}: {len(done_before)} block(s) ({', '.join(done_before[:3])}"
+                f"{', ...' if len(done_before) > 3 else ''}) came from the checkpoint of an interrupted run "
+                f"(signature verified); this run calibrated {len(st.get('blocks_this_run', []))}")
+    return f"calibrated from the first block: {len(st.get('blocks_this_run', []))} blocks in this run"

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import atomic
-from ..errors import QuantizeError
+from ..errors import ParamsError, QuantizeError
 from ..release.format import bf16_groups, component
 from ..release.resume import filesystem, free_disk
 from ..release.shards import read_header
@@ -111,14 +111,24 @@ def export_bytes(tensors, s: dict) -> int:
     return total
 
 
+def activation_bytes(cfg: dict, s: dict) -> int:
+    """One set of a layer's inputs for every calibration sample: samples x seq x hidden x hc_mult, BF16."""
+    return sum(calib_plan(s)[1]) * int(s["calib_seq"]) * cfg.get("hidden_size", 0) * cfg.get("hc_mult", 1) * 2
+
+
 def run_dir_bytes(cfg: dict, s: dict, q: dict, model_bytes: int) -> tuple[int, int]:
-    """(calibrated state, layerwise checkpoint) bytes in the run directory. Layerwise: modelopt keeps
-    the next layer's inputs of EVERY layer on disk (samples x seq x hidden x hc_mult in BF16 each)."""
-    layerwise = 0
+    """(calibrated state, per-layer checkpoint) bytes in the run directory. Layerwise: modelopt keeps
+    the next layer's inputs of EVERY layer on disk; a driver that does not load the whole model (the
+    streaming driver) keeps the inputs of the next layer only, twice while it saves them."""
+    checkpoint = 0
     if q["layerwise"]:
-        act = sum(calib_plan(s)[1]) * int(s["calib_seq"]) * cfg.get("hidden_size", 0) * cfg.get("hc_mult", 1) * 2
-        layerwise = int(act * cfg.get("num_hidden_layers", 0) * 1.25)
-    return (model_bytes if q["save_full_state"] else 0) + 64 * 2**20, layerwise
+        checkpoint = int(activation_bytes(cfg, s) * cfg.get("num_hidden_layers", 0) * 1.25)
+    elif not registry.get(q["driver"]).loads_whole_model:
+        try:
+            checkpoint = 2 * activation_bytes(cfg, s)
+        except ParamsError:  # a calib_size the data check refuses (with the reason): no estimate
+            checkpoint = 0
+    return (model_bytes if q["save_full_state"] else 0) + 64 * 2**20, checkpoint
 
 
 def estimate_resources(q: dict, run_dir: str | Path) -> dict:

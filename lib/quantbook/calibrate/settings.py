@@ -12,7 +12,7 @@ import os
 import warnings
 
 from ..errors import ParamsError
-from .checks import calib_samples
+from .checks import STREAMING_DEFAULTS, calib_samples
 
 QUANTIZE_DEFAULTS = {
     "driver": "modelopt",
@@ -22,6 +22,7 @@ QUANTIZE_DEFAULTS = {
     "layerwise_save_every": 1,
     "save_full_state": False,
     "export_generic": False,  # modelopt's generic export (not servable for V4; step 03 does not read it)
+    **STREAMING_DEFAULTS,  # the streaming driver's own keys; the other drivers refuse other values
     "hf_ptq": {},
 }
 

@@ -187,7 +187,7 @@ def _is_weight_quantizer(name: str) -> bool:
         (leaf.isdigit() and parent.endswith("weight_quantizers"))
 
 
-def _needs_amax(q) -> bool:
+def needs_amax(q) -> bool:
     """An enabled quantizer whose export reads a calibrated amax (not dynamic, constant or MX)."""
     if not getattr(q, "is_enabled", False):
         return False
@@ -217,7 +217,7 @@ def repair_amax(model, ledger: "patches.Ledger") -> list[dict]:
     quantizers = list(iter_quantizers(model))
     weight_problems, bad, valid = [], [], {}
     for name, q in quantizers:
-        if not _needs_amax(q):
+        if not needs_amax(q):
             continue
         raw = q._buffers.get("_amax")
         problem = amax_io.amax_problem(raw)
@@ -271,7 +271,7 @@ def validate_amax(model) -> dict:
     problems = {}
     for name, q in iter_quantizers(model):
         counts["quantizers"] += 1
-        if not _needs_amax(q):
+        if not needs_amax(q):
             continue
         counts["need_amax"] += 1
         problem = amax_io.amax_problem(q._buffers.get("_amax"))
@@ -291,10 +291,15 @@ def snapshot(model, run_dir: str | Path, metadata: dict | None = None) -> dict:
 
     The metadata lists every enabled quantizer that needs a calibrated amax, so a reader can tell
     a quantizer that never got one ("missing") from one that does not exist."""
-    tensors = snapshot_tensors(model)
+    enabled = [name for name, q in iter_quantizers(model) if needs_amax(q)]
+    return write_snapshot(run_dir, snapshot_tensors(model), enabled, metadata)
+
+
+def write_snapshot(run_dir: str | Path, tensors: dict, enabled: list[str], metadata: dict | None = None) -> dict:
+    """`<run_dir>/amax.safetensors` from tensors gathered elsewhere (a driver that never holds the
+    whole model collects them block by block); `enabled` as `snapshot` lists them."""
     path = Path(run_dir) / amax_io.SNAPSHOT
-    enabled = [name for name, q in iter_quantizers(model) if _needs_amax(q)]
-    amax_io.save_snapshot(path, tensors, metadata={**(metadata or {}), "enabled_quantizers": enabled})
+    amax_io.save_snapshot(path, tensors, metadata={**(metadata or {}), "enabled_quantizers": list(enabled)})
     return {"path": str(path), "tensors": len(tensors), "bytes": path.stat().st_size}
 
 
@@ -530,11 +535,12 @@ def layerwise_signature(*, model_path: str, settings: dict, quant_cfg: dict, cal
     }
 
 
-def _diff(a, b, prefix=""):
+def signature_diff(a, b, prefix="") -> list[str]:
+    """Every leaf where two signatures differ: `key.path: checkpoint has X, this run Y`."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b), key=str):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+            out += signature_diff(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [] if a == b else [f"{prefix[:-1]}: checkpoint has {a!r}, this run {b!r}"]
 
@@ -558,7 +564,7 @@ def check_layerwise_dir(run_dir: str | Path, signature: dict) -> dict:
         if have is None:
             raise StaleCheckpoint(f"{paths['ckpt']} holds layerwise progress but no {SIGNATURE}: it was not "
                                   "written by this run; move it away or use another run id")
-        diffs = _diff(have, signature)
+        diffs = signature_diff(have, signature)
         if diffs:
             raise StaleCheckpoint(f"{paths['dir']} was written for a different calibration; refusing to resume "
                                   "from it (use another run id, or delete the directory to recalibrate):\n  "

@@ -144,7 +144,7 @@ def validate_state(run_dir: str | Path, model_path: str | Path | None = None, so
         manifest = load_manifest(sd, verify=True)
         _row(rows, "state files", OK, f"{sd}: {', '.join(manifest['files'])} match the manifest's sizes and hashes")
     except StateError as e:
-        _row(rows, "state files", FAIL if layout == "generic" else WARN, str(e))
+        _row(rows, "state files", FAIL if layout == "generic" else WARN, _no_state_reason(run_dir) or str(e))
 
     if manifest is not None:
         saved, now = manifest.get("versions") or {}, versions()
@@ -242,6 +242,22 @@ def _serving_feasibility(amax: dict, source, model_path, mtp_experts: str = "rel
             "detail": f"{L * E} experts: {filled_in} input amax and {missing_w} weight amax to fill "
                       f"(filled by the contract's rule and listed)" if status == WARN else
                       f"all {L * E * 3} expert projections have usable weight and input amax"}
+
+
+def _no_state_reason(run_dir: Path) -> str | None:
+    """Why a run has no calibrated state when its driver keeps none by design (its snapshot says so)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(run_dir / SNAPSHOT), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("quantbook", "{}"))
+    except Exception:  # noqa: BLE001 (no or damaged snapshot: the state's own error says enough)
+        return None
+    if meta.get("calibrated_state") is not False:
+        return None
+    return (f"no calibrated state by design: driver {meta.get('driver')} never holds the whole model; layout "
+            f"v4-serving exports from {SNAPSHOT}; layout generic needs a whole model's state (calibrate with "
+            "driver modelopt on the BF16 copy)")
 
 
 def require_ok(v: dict) -> None:

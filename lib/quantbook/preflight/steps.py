@@ -355,8 +355,9 @@ def _quantize(ctx: Context) -> None:
         state, layerwise = run_dir_bytes(cfg, s, q, sizes["total"])
     except ParamsError:  # a calib_size the data check refused: no layerwise estimate
         state, layerwise = run_dir_bytes(cfg, s, {**q, "layerwise": False}, sizes["total"])
-    ctx.output("02", "calibrated state" + (" + layerwise checkpoint" if layerwise else ""), ctx.run_dir,
-               state + layerwise)
+    what = ("calibrated state" + (" + layerwise checkpoint" if layerwise else "") if drv.loads_whole_model else
+            "amax + block checkpoint (resume)")
+    ctx.output("02", what, ctx.run_dir, state + layerwise)
     rate = rates_mod.pick(ctx.rates, "calibrate", device=s.get("device"), driver=drv.name, cpus=ctx.machine.cpus)
     ctx.plan.append({"step": "02", "what": f"calibrate ({drv.name}, {sizes['layers']} layers)"
                      + (", generic export" if writes_generic_export(q) else ""), "runs": "yes",

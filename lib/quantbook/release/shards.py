@@ -325,5 +325,41 @@ class Checkpoint:
                     out[n] = t.view(torch_dtype(e.dtype)).reshape(e.shape)
         return out
 
+    def read_block(self, names: list[str], pin_memory: bool = False) -> tuple[dict, int]:
+        """Many large tensors at once: ({name: tensor}, bytes read).
+
+        Per shard, the byte span covering the named tensors is read front to back in COPY_CHUNK
+        reads into one buffer (page-locked with `pin_memory`, for fast copies to a GPU) and each
+        tensor is a view of it (a copy where its offset does not suit its dtype). A V4 release
+        keeps a block's tensors together in one shard, so a block is one sequential read; the
+        GIL is released while reading, so another thread can compute meanwhile.
+        """
+        import torch
+
+        by_shard: dict[str, list[TensorEntry]] = {}
+        for n in names:
+            by_shard.setdefault(self.weight_map[n], []).append(self.entry(n))
+        out, total = {}, 0
+        for shard, entries in by_shard.items():
+            start, end = min(e.start for e in entries), max(e.end for e in entries)
+            buf = torch.empty(end - start, dtype=torch.uint8, pin_memory=pin_memory)
+            view = memoryview(buf.numpy())
+            with open(self.dir / shard, "rb", buffering=0) as f:
+                f.seek(start)
+                pos = 0
+                while pos < end - start:
+                    got = f.readinto(view[pos: min(pos + COPY_CHUNK, end - start)])
+                    if not got:
+                        raise FormatError(f"shard {shard}: short read at offset {start + pos}")
+                    pos += got
+            total += end - start
+            for e in entries:
+                dtype = torch_dtype(e.dtype)
+                raw = buf[e.start - start: e.end - start]
+                if (e.start - start) % dtype.itemsize:
+                    raw = raw.clone()
+                out[e.name] = raw.view(dtype).reshape(e.shape)
+        return out, total
+
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
