@@ -4,8 +4,10 @@
 #   layout     step 03's writer at Flash and Pro expert shapes: carrying (CPU) and re-quantizing (CUDA),
 #              against the disk's raw write rate in the same run (benchmarks/layout_bench.py)
 #   layout-ok  the batched CUDA re-quantizer writes modelopt's bytes (tests/test_layout_writer.py -k cuda)
-#   streaming  step 02's streaming driver at real V4 Pro layer dimensions against the disk's read rate,
-#              gpus 2 when two GPUs are visible, the modelopt driver side by side (benchmarks/streaming_bench.py)
+#   streaming       step 02's streaming driver at real V4 Pro layer dimensions (2 layers + MTP, 384 experts)
+#                   against the disk's read rate, gpus 2 when two GPUs are visible (benchmarks/streaming_bench.py)
+#   streaming-side  the modelopt driver on step 01's BF16 copy and the streaming driver on the release, side by
+#                   side, on Pro-dimension layers with 32 experts
 # Usage (from the repository root; carried wheels in .whl/): benchmarks/gpu_bench.sh LOG_DIR SCRATCH PART...
 set -u
 log=${1:?usage: gpu_bench.sh LOG_DIR SCRATCH PART...}
@@ -23,14 +25,18 @@ part() {  # name command...
 for p in "$@"; do
   case $p in
     layout)
-      part layout-flash python3 benchmarks/layout_bench.py --like flash --layers 2 --experts 64 --routes carry requant \
-        --device cuda --workers 2 8 --dir "$scratch/lf" --json "$log/layout-flash.json"
       part layout-pro python3 benchmarks/layout_bench.py --like pro --layers 2 --experts 64 --routes carry requant \
-        --device cuda --workers 2 8 --dir "$scratch/lp" --json "$log/layout-pro.json" ;;
+        --device cuda --workers 2 8 --dir "$scratch/lp" --json "$log/layout-pro.json"
+      part layout-flash python3 benchmarks/layout_bench.py --like flash --layers 2 --experts 64 --routes carry requant \
+        --device cuda --workers 2 8 --dir "$scratch/lf" --json "$log/layout-flash.json" ;;
     layout-ok)
       part layout-ok python3 -m pytest -q -p no:cacheprovider tests/test_layout_writer.py -k "cuda" ;;
     streaming)
-      part streaming python3 benchmarks/streaming_bench.py --out "$log/streaming" --dir "$scratch/st" --layers 2 ;;
+      part streaming python3 benchmarks/streaming_bench.py --out "$log/streaming" --dir "$scratch/st" --layers 2 \
+        --side-experts 0 ;;
+    streaming-side)
+      part streaming-side python3 benchmarks/streaming_bench.py --out "$log/streaming-side" --dir "$scratch/ss" \
+        --skip-pro --side-experts 32 --layers 2 ;;
     *) echo "unknown part $p" >> "$log/progress.txt" ;;
   esac
 done
