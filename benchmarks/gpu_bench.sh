@@ -3,7 +3,7 @@
 # (a part that fails does not stop the next). Parts:
 #   layout     step 03's writer at Flash and Pro expert shapes: carrying (CPU) and re-quantizing (CUDA),
 #              against the disk's raw write rate in the same run (benchmarks/layout_bench.py)
-#   layout-ok  the batched CUDA re-quantizer writes modelopt's bytes (tests/test_layout_writer.py -k cuda)
+#   layout-ok  CPU and CUDA v4-serving exports byte-identical, the export's logits (benchmarks/gpu_export_check.py)
 #   streaming       step 02's streaming driver at real V4 Pro layer dimensions (2 layers + MTP, 384 experts)
 #                   against the disk's read rate, gpus 2 when two GPUs are visible (benchmarks/streaming_bench.py)
 #   streaming-side  the modelopt driver on step 01's BF16 copy and the streaming driver on the release, side by
@@ -25,18 +25,19 @@ part() {  # name command...
 for p in "$@"; do
   case $p in
     layout)
-      part layout-pro python3 benchmarks/layout_bench.py --like pro --layers 2 --experts 64 --routes carry requant \
+      mkdir -p "$scratch/lp" "$scratch/lf"
+      part layout-pro python3 benchmarks/layout_bench.py --like pro --layers 2 --experts 32 --routes carry requant \
         --device cuda --workers 2 8 --dir "$scratch/lp" --json "$log/layout-pro.json"
       part layout-flash python3 benchmarks/layout_bench.py --like flash --layers 2 --experts 64 --routes carry requant \
         --device cuda --workers 2 8 --dir "$scratch/lf" --json "$log/layout-flash.json" ;;
     layout-ok)
-      part layout-ok python3 -m pytest -q -p no:cacheprovider tests/test_layout_writer.py -k "cuda" ;;
+      part layout-ok python3 benchmarks/gpu_export_check.py --out "$scratch/gx" ;;
     streaming)
-      part streaming python3 benchmarks/streaming_bench.py --out "$log/streaming" --dir "$scratch/st" --layers 2 \
+      part streaming python3 benchmarks/streaming_bench.py --out "$log/streaming" --dir "$scratch/st" --layers 1 \
         --side-experts 0 ;;
     streaming-side)
       part streaming-side python3 benchmarks/streaming_bench.py --out "$log/streaming-side" --dir "$scratch/ss" \
-        --skip-pro --side-experts 32 --layers 2 ;;
+        --skip-pro --side-experts 32 --layers 1 ;;
     *) echo "unknown part $p" >> "$log/progress.txt" ;;
   esac
 done
