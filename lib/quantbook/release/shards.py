@@ -325,24 +325,35 @@ class Checkpoint:
                     out[n] = t.view(torch_dtype(e.dtype)).reshape(e.shape)
         return out
 
-    def read_block(self, names: list[str], pin_memory: bool = False) -> tuple[dict, int]:
-        """Many large tensors at once: ({name: tensor}, bytes read).
-
-        Per shard, the byte span covering the named tensors is read front to back in COPY_CHUNK
-        reads into one buffer (page-locked with `pin_memory`, for fast copies to a GPU) and each
-        tensor is a view of it (a copy where its offset does not suit its dtype). A V4 release
-        keeps a block's tensors together in one shard, so a block is one sequential read; the
-        GIL is released while reading, so another thread can compute meanwhile.
-        """
-        import torch
-
+    def block_spans(self, names: list[str]) -> list[tuple[str, list[TensorEntry], int, int]]:
+        """(shard, entries, first byte, end) per shard holding `names`: what `read_block` reads."""
         by_shard: dict[str, list[TensorEntry]] = {}
         for n in names:
             by_shard.setdefault(self.weight_map[n], []).append(self.entry(n))
-        out, total = {}, 0
-        for shard, entries in by_shard.items():
-            start, end = min(e.start for e in entries), max(e.end for e in entries)
-            buf = torch.empty(end - start, dtype=torch.uint8, pin_memory=pin_memory)
+        return [(shard, entries, min(e.start for e in entries), max(e.end for e in entries))
+                for shard, entries in by_shard.items()]
+
+    def read_block(self, names: list[str], pin_memory: bool = False, into=None) -> tuple[dict, int]:
+        """Many large tensors at once: ({name: tensor}, bytes read).
+
+        Per shard, the byte span covering the named tensors is read front to back in COPY_CHUNK
+        reads into one buffer and each tensor is a view of it (a copy where its offset does not suit
+        its dtype). The buffer is `into` (a uint8 tensor at least that large, reused by the caller:
+        allocating page-locked memory costs about as much as reading it) or a new one, page-locked
+        with `pin_memory` for fast copies to a GPU. A V4 release keeps a block's tensors together in
+        one shard, so a block is one sequential read; the GIL is released while reading, so another
+        thread can compute meanwhile.
+        """
+        import torch
+
+        spans = self.block_spans(names)
+        total = sum(end - start for _, _, start, end in spans)
+        pool = into if into is not None and into.numel() >= total else \
+            torch.empty(total, dtype=torch.uint8, pin_memory=pin_memory)
+        out, at = {}, 0
+        for shard, entries, start, end in spans:
+            buf = pool[at: at + end - start]
+            at += end - start
             view = memoryview(buf.numpy())
             with open(self.dir / shard, "rb", buffering=0) as f:
                 f.seek(start)
@@ -352,7 +363,6 @@ class Checkpoint:
                     if not got:
                         raise FormatError(f"shard {shard}: short read at offset {start + pos}")
                     pos += got
-            total += end - start
             for e in entries:
                 dtype = torch_dtype(e.dtype)
                 raw = buf[e.start - start: e.end - start]
