@@ -4,6 +4,7 @@
 #   layout     step 03's writer at Flash and Pro expert shapes: carrying (CPU) and re-quantizing (CUDA),
 #              against the disk's raw write rate in the same run (benchmarks/layout_bench.py)
 #   layout-ok  CPU and CUDA v4-serving exports byte-identical, the export's logits (benchmarks/gpu_export_check.py)
+#   streaming-small gpus 1 and 2 (NCCL) at small dimensions, stacks printed every 30 s should it hang
 #   streaming       step 02's streaming driver at real V4 Pro layer dimensions (2 layers + MTP, 384 experts)
 #                   against the disk's read rate, gpus 2 when two GPUs are visible (benchmarks/streaming_bench.py)
 #   streaming-side  the modelopt driver on step 01's BF16 copy and the streaming driver on the release, side by
@@ -32,8 +33,12 @@ for p in "$@"; do
         --device cuda --workers 2 8 --dir "$scratch/lf" --json "$log/layout-flash.json" ;;
     layout-ok)
       part layout-ok python3 benchmarks/gpu_export_check.py --out "$scratch/gx" ;;
+    streaming-small)  # gpus 1 and 2 at small dimensions, every process's stacks each 30 s if it hangs
+      QUANTBOOK_STACKS_EVERY_S=30 part streaming-small timeout -s INT 240 python3 benchmarks/streaming_bench.py \
+        --out "$log/streaming-small" --dir "$scratch/sm" --layers 1 --experts 8 --vocab 4096 --samples 16 \
+        --seq 64 --batch 4 --side-experts 0 ;;
     streaming)
-      part streaming python3 benchmarks/streaming_bench.py --out "$log/streaming" --dir "$scratch/st" --layers 1 \
+      QUANTBOOK_STACKS_EVERY_S=60 part streaming timeout -s INT 480 python3 benchmarks/streaming_bench.py --out "$log/streaming" --dir "$scratch/st" --layers 1 \
         --side-experts 0 ;;
     streaming-side)
       part streaming-side python3 benchmarks/streaming_bench.py --out "$log/streaming-side" --dir "$scratch/ss" \

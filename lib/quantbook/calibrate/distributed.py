@@ -28,6 +28,7 @@ from .. import atomic
 from ..errors import QuantizeError
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=60)
+STACKS_ENV = "QUANTBOOK_STACKS_EVERY_S"  # set: each process prints every thread's stack this often
 
 
 def free_port() -> int:
@@ -208,11 +209,17 @@ def _echo(stream, prefix: str) -> None:
 def main(argv: list[str]) -> int:
     """One process of `run_processes`: `TARGET JOB RANK WORLD`."""
     import importlib
+    import sys
 
     import torch
 
     target, job_path, rank, world = argv[0], Path(argv[1]), int(argv[2]), int(argv[3])
     die_with_parent()
+    every = float(os.environ.get(STACKS_ENV, "0") or 0)
+    if every > 0:  # a process that seems stuck (in a collective, say) shows where, every `every` seconds
+        import faulthandler
+
+        faulthandler.dump_traceback_later(every, repeat=True, file=sys.stdout)
     try:
         module, _, name = target.partition(":")
         fn = getattr(importlib.import_module(module), name)
