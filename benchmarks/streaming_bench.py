@@ -272,6 +272,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--side-experts", type=int, default=32, help="experts of the side-by-side model (0: skip)")
     ap.add_argument("--skip-pro", action="store_true", help="only the side-by-side comparison")
+    ap.add_argument("--max-gpus", type=int, default=2, help="1: skip the two-process run")
     ap.add_argument("--keep", action="store_true", help="keep the scratch files")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -327,12 +328,14 @@ def main() -> None:
             res["blocks"] = rows
             res["projection"] = projection(rows, res["streaming"]["timings"].get("prepare", 0.0),
                                            res["raw_read"]["gb_per_s"])
-            if a.device != "cpu" and torch.cuda.device_count() >= 2:
+            if a.device != "cpu" and a.max_gpus >= 2 and torch.cuda.device_count() >= 2:
                 drop_cache(files)
                 res["streaming_gpus2"] = run_streaming(src, calib, a, out, "streaming-gpus2", gpus=2)
                 res["gpus2_vs_gpus1"] = compare_amax(res["streaming"]["run_dir"],
                                                      res["streaming_gpus2"]["run_dir"], main_only=False)
                 res["blocks_gpus2"] = block_rows(res["streaming_gpus2"], res["raw_read"]["gb_per_s"])
+                print("gpus 2 vs gpus 1:", json.dumps(res["gpus2_vs_gpus1"]))
+                print("\n" + table(res["blocks_gpus2"]))
             print("\n" + table(rows))
             print(json.dumps(res["projection"], indent=1))
     finally:
