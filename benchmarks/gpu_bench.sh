@@ -49,8 +49,10 @@ for spec in "$@"; do
     *) echo "unknown part $p" >> "$log/progress.txt"; continue ;;
   esac
   echo "=== $(date +%T) $p (${secs} s at most): ${cmd[*]}" >> "$log/progress.txt"
+  rm -rf "$scratch/$p" "$scratch/sm" "$scratch/st" "$scratch/ss"  # what an earlier run of a part left
   "${run[@]}" "${cmd[@]}" > "$log/$p.log" 2>&1
-  echo "=== $(date +%T) $p exit $?" >> "$log/progress.txt"
+  rc=$?
+  echo "=== $(date +%T) $p exit $rc" >> "$log/progress.txt"
   [ -n "$json" ] && [ -f "$json" ] && cp "$json" "$log/$p.json"
   unset QUANTBOOK_STACKS_EVERY_S
 done
