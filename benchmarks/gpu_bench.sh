@@ -2,8 +2,8 @@
 # The GPU machine's benchmarks, one part after another, each under its own time limit (SIGKILL, so
 # that a hang cannot eat the next parts' time). Each part's output goes to LOG_DIR/PART.log and its
 # JSON result to LOG_DIR/PART.json; the run directories stay in SCRATCH. Parts:
-#   small      the streaming driver at small dimensions, gpus 1 then 2 (NCCL), amax compared;
-#              every process prints its stacks every 30 s, so a hang shows where
+#   small      the streaming driver at small dimensions, gpus 1 then 2 (NCCL), amax compared, then a
+#              process that fails must stop the run; every process prints its stacks every 30 s if it hangs
 #   streaming  the streaming driver at real V4 Pro layer dimensions (1 layer + MTP, 384 experts) on one
 #              GPU, against the disk's read rate (benchmarks/streaming_bench.py)
 #   streaming2 the same, then gpus 2
@@ -28,8 +28,9 @@ for spec in "$@"; do
   run=(timeout -s KILL "$secs" python3)
   case $p in
     small)
-      cmd=(benchmarks/streaming_bench.py --out "$scratch/small" --dir "$scratch/sm" --layers 1 --experts 8
-           --vocab 4096 --samples 16 --seq 64 --batch 4 --side-experts 0); json=$scratch/small/streaming_bench.json
+      cmd=(benchmarks/streaming_bench.py --out "$scratch/small" --dir "$scratch/sm" --layers 2 --experts 8
+           --vocab 4096 --samples 16 --seq 64 --batch 4 --side-experts 0 --fault-check)
+      json=$scratch/small/streaming_bench.json
       export QUANTBOOK_STACKS_EVERY_S=30 ;;
     streaming|streaming2)
       g=1; [ "$p" = streaming2 ] && g=2

@@ -147,6 +147,30 @@ def run_streaming(src: Path, calib: Path, a, out: Path, name: str, gpus: int = 1
             "run_dir": str(out / name), "world": gpus}
 
 
+def fault_check(src: Path, calib: Path, a, out: Path, limit_s: float = 100.0) -> dict:
+    """gpus 2 where process 0's save of layers.1 fails (tests/streaming_faults.py) while process 1
+    waits in the next collective: the run must stop with process 0's error within `limit_s`."""
+    import sys
+
+    from quantbook.calibrate import streaming_driver
+    from quantbook.errors import QuantizeError
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the processes get this path too
+    target, streaming_driver.PROCESS_TARGET = (streaming_driver.PROCESS_TARGET,
+                                               "streaming_faults:calibrate_blocks_rank0_fails")
+    t = time.perf_counter()
+    try:
+        run_streaming(src, calib, a, out, "streaming-fault", gpus=2)
+        error = None
+    except QuantizeError as e:
+        error = str(e)
+    finally:
+        streaming_driver.PROCESS_TARGET = target
+    secs = time.perf_counter() - t
+    ok = bool(error) and "process 0 of 2 failed: OSError: injected" in error and secs < limit_s
+    return {"seconds": round(secs, 1), "error_first_line": (error or "").splitlines()[0][:200], "ok": ok}
+
+
 def run_modelopt(bf16: Path, calib: Path, a, out: Path) -> dict:
     from quantbook.calibrate import quantize
 
@@ -273,6 +297,8 @@ def main() -> None:
     ap.add_argument("--side-experts", type=int, default=32, help="experts of the side-by-side model (0: skip)")
     ap.add_argument("--skip-pro", action="store_true", help="only the side-by-side comparison")
     ap.add_argument("--max-gpus", type=int, default=2, help="1: skip the two-process run")
+    ap.add_argument("--fault-check", action="store_true",
+                    help="after gpus 2, one failing process must stop the run with its error (needs --layers 2+)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch files")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -336,6 +362,9 @@ def main() -> None:
                 res["blocks_gpus2"] = block_rows(res["streaming_gpus2"], res["raw_read"]["gb_per_s"])
                 print("gpus 2 vs gpus 1:", json.dumps(res["gpus2_vs_gpus1"]))
                 print("\n" + table(res["blocks_gpus2"]))
+                if a.fault_check:
+                    res["fault_check"] = fault_check(src, calib, a, out)
+                    print("one failing process:", json.dumps(res["fault_check"]))
             print("\n" + table(rows))
             print(json.dumps(res["projection"], indent=1))
     finally:

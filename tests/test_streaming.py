@@ -281,6 +281,40 @@ def test_two_processes_over_gloo_equal_one(streamed, tiny_chain, tmp_path):
     assert [b for b, t in timeline.items() if "write_s" in t] == ["layers.1", "layers.3", "mtp.0"]
 
 
+def test_a_failing_process_is_reported_not_waited_for(streamed, tiny_chain, tmp_path, monkeypatch):
+    """gpus: 2 where process 0 alone fails (its save of layers.1 raises, `streaming_faults`) while
+    process 1 goes on into the next block's collectives: the run stops within seconds with process
+    0's error, not its peer's echo, and nothing is left running. (On NCCL, a failed process used to
+    wait in the process group's teardown for its peer, which waited for it: an H200 run hung.)"""
+    from quantbook.calibrate import distributed, quantize, streaming_driver
+    from quantbook.errors import QuantizeError
+
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "120")  # a regression fails here instead of hanging an hour
+    monkeypatch.setattr(streaming_driver, "PROCESS_TARGET", "streaming_faults:calibrate_blocks_rank0_fails")
+    run_dir = tmp_path / "run"
+    t0 = time.monotonic()
+    with pytest.raises(QuantizeError, match=r"(?s)calibration process 0 of 2 failed: OSError: injected: rank 0 "
+                                            r"cannot save layers\.1"):
+        quantize(streaming_q(tiny_chain, gpus=2, save_every=1), run_dir, progress=False)
+    assert time.monotonic() - t0 < 100
+    rec = json.loads((run_dir / "quantize.json").read_text())
+    assert rec["status"] == "failed" and "process 0 of 2 failed: OSError" in rec["error"]
+    assert [p for p in _quantbook_processes() if str(run_dir) in p] == []
+
+
+def _quantbook_processes() -> list[str]:
+    """Command lines of this machine's running `quantbook.calibrate.distributed` processes (Linux)."""
+    out = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "quantbook.calibrate.distributed" in cmd:
+            out.append(cmd)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # guards and refusals
 

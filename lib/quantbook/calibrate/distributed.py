@@ -6,11 +6,11 @@ parent process did before (the notebook's kernel may hold modelopt's runtime pat
 rank would skip modelopt's own amax all-reduce while the others enter it), and each dies with the
 parent (Linux `PR_SET_PDEATHSIG`): a killed run leaves no process waiting in a collective.
 
-Every process calibrates the same block on its own batches. modelopt all-reduces the input amax
-itself (MAX over the default group, when torch.distributed is initialized), but it swallows a
-failed all-reduce with a warning; so the driver reduces again, explicitly: every amax with MAX
-(in fp32, exact for BF16 and fp32 values) after checking that every process holds the same
-quantizers, token counts with SUM. A maximum and a sum of counts do not depend on the order:
+Every process calibrates the same block on its own batches, with modelopt's own cross-process
+sync off (`streaming_driver.local_max`: it all-reduces only the quantizers holding an amax on
+each process, and swallows a failed all-reduce with a warning); the driver reduces explicitly:
+every amax with MAX (in fp32, exact for BF16 and fp32 values) after checking that every process
+holds the same quantizers, token counts with SUM. A maximum and a sum of counts do not depend on the order:
 the result equals one process's bit for bit.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 from .. import atomic
 from ..errors import QuantizeError
 
-COLLECTIVE_TIMEOUT = timedelta(minutes=60)
+TIMEOUT_ENV = "QUANTBOOK_COLLECTIVE_TIMEOUT_S"  # how long a process waits in one collective (default 1 h)
 STACKS_ENV = "QUANTBOOK_STACKS_EVERY_S"  # set: each process prints every thread's stack this often
 
 
@@ -51,8 +51,9 @@ def init(rank: int, world: int, device_type: str, init_method: str) -> None:
         return
     if device_type == "cuda":
         torch.cuda.set_device(rank)
+    timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV) or 3600))
     dist.init_process_group(backend(device_type), init_method=init_method, rank=rank, world_size=world,
-                            timeout=COLLECTIVE_TIMEOUT)
+                            timeout=timeout)
 
 
 def finish(world: int) -> None:
@@ -172,13 +173,8 @@ def run_processes(target: str, job: dict, world: int, work_dir: str | Path, poll
             echoes[-1].start()
         while True:
             codes = [p.poll() for p in procs]
-            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                r = failed[0]
-                err = _error_path(work_dir, r)
-                why = err.read_text() if err.is_file() else \
-                    f"exit code {codes[r]} without an error (killed? out of memory?)"
-                raise QuantizeError(f"calibration process {r} of {world} failed: {why}")
+            if any(c not in (None, 0) for c in codes):
+                raise QuantizeError(_failure(procs, work_dir, world))
             if all(c == 0 for c in codes):
                 break
             time.sleep(poll_s)
@@ -191,6 +187,22 @@ def run_processes(target: str, job: dict, world: int, work_dir: str | Path, poll
                 p.kill()
                 p.wait()
         job_path.unlink(missing_ok=True)
+
+
+def _failure(procs: list, work_dir: Path, world: int, settle_s: float = 2.0) -> str:
+    """What to tell the user when a process failed: the error of the one that failed first (the
+    others' are usually its echo: a collective whose peer is gone), then one line for each other."""
+    time.sleep(settle_s)  # let the others that are failing because of it write their errors
+    codes = [p.poll() for p in procs]
+    failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+    err = {r: _error_path(work_dir, r) for r in failed}
+    first = sorted(failed, key=lambda r: err[r].stat().st_mtime if err[r].is_file() else float("inf"))
+    why = {r: err[r].read_text() if err[r].is_file() else
+           f"exit code {codes[r]} without an error (killed? out of memory?)" for r in failed}
+    msg = f"calibration process {first[0]} of {world} failed: {why[first[0]]}"
+    for r in first[1:]:
+        msg += f"\nthen process {r}: {why[r].splitlines()[0]}"
+    return msg
 
 
 def _result_path(work_dir: Path, rank: int) -> Path:
@@ -229,7 +241,11 @@ def main(argv: list[str]) -> int:
     except BaseException as e:  # the parent reads this and raises it with the rank named
         atomic.write_text(_error_path(job_path.parent, rank),
                           f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
-        raise
+        traceback.print_exc()
+        sys.stdout.flush()
+        # Exit now: an orderly exit tears down the process group, which waits for collectives the
+        # other processes are blocked in (NCCL), so the parent would never see this process fail.
+        os._exit(1)
 
 
 if __name__ == "__main__":

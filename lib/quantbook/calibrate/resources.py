@@ -43,7 +43,7 @@ class MemoryNeed:
     memory less `gpu`, the rest in host memory (or `offload_folder`); `host` comes on top in host
     memory, `gpu` on each GPU in use (activations, calibration batches). A whole-model driver:
     `model` is the BF16 model. A streaming one: `model` 0, a GPU must hold `unit` (one layer) plus
-    `gpu`, and the host `host`.
+    `gpu`, and the host `host`; with `gpus` N > 0, each of the first N GPUs must (one process each).
     """
 
     what: str
@@ -51,6 +51,7 @@ class MemoryNeed:
     unit: int = 0
     host: int = 0
     gpu: int = 0
+    gpus: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -79,7 +80,14 @@ def check_memory(need: MemoryNeed, device: str, pct: float, host_available: int,
             units = int(room // need.unit) if need.unit and room > 0 else 0
             placed.append({"gpu": g["gpu"], "room": int(max(room, 0)), "units": units})
         capacity = sum(p["units"] for p in placed) * need.unit
-        if gpus and need.unit and not any(p["units"] for p in placed):
+        for g, p in list(zip(gpus, placed))[: need.gpus]:
+            if not p["units"]:  # memory another process holds (a notebook kernel, an earlier run) counts
+                problems.append(f"memory: GPU {g['gpu']} has {gib(g['free'])} free of {gib(g['total'])}; its "
+                                f"process needs one {gib(need.unit)} layer plus {gib(need.gpu)} of activations at "
+                                f"gpu_max_mem_percentage {pct} (free it, or use fewer quantize.gpus)")
+        if need.gpus > len(gpus) and gpus:
+            problems.append(f"memory: {need.gpus} processes, one per GPU, but {len(gpus)} GPUs are visible")
+        if gpus and need.unit and not any(p["units"] for p in placed) and not need.gpus:
             best = max(g["free"] for g in gpus)
             problems.append(f"memory: no GPU holds one {gib(need.unit)} layer plus {gib(need.gpu)} of activations "
                             f"at gpu_max_mem_percentage {pct} (the most free on one GPU: {gib(best)})")

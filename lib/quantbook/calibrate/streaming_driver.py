@@ -130,8 +130,9 @@ class StreamingDriver(Driver):
             with run.phase("calibrate"):
                 if job["world"] == 1:
                     per_rank = [calibrate_blocks(job, 0, 1, memory=run.memory, progress=progress)]
+                    _give_back_gpu_memory(job["device"])
                 else:
-                    per_rank = distributed.run_processes(f"{__name__}:calibrate_blocks", job, job["world"],
+                    per_rank = distributed.run_processes(PROCESS_TARGET, job, job["world"],
                                                          block_checkpoint.checkpoint_dir(run.run_dir))
             with run.phase("assemble"):
                 out = assemble(run.run_dir, job, per_rank, q)
@@ -140,6 +141,9 @@ class StreamingDriver(Driver):
                 print(f"[quantbook] amax snapshot: {post['snapshot']['tensors']} tensors of {post['quantizers']} "
                       f"quantizers -> {post['snapshot']['path']}", flush=True)
             return run.done(**out)
+
+
+PROCESS_TARGET = f"{__name__}:calibrate_blocks"  # what each process of `gpus: N` runs (`distributed.main`)
 
 
 def streaming_settings(q: dict) -> dict:
@@ -164,6 +168,13 @@ def algorithm(quant_cfg: dict) -> str:
     if isinstance(alg, list):
         return "+".join(a if isinstance(a, str) else a.get("method", "?") for a in alg)
     return alg if isinstance(alg, str) else alg.get("method", "max")
+
+
+def local_max(quant_cfg: dict) -> dict:
+    """`quant_cfg` with max calibration kept to this process: modelopt's own cross-process sync
+    all-reduces only the quantizers that hold an amax on each process, so processes that saw
+    different experts would pair different tensors; the driver reduces every amax itself, by name."""
+    return {**quant_cfg, "algorithm": {"method": "max", "distributed_sync": False}}
 
 
 def device_of(s: dict, rank: int, world: int) -> str:
@@ -199,7 +210,7 @@ def memory_need(model_config: dict, s: dict, q: dict) -> MemoryNeed:
             f"{size(host)} of host memory (two blocks as stored: this one and the next, read ahead)")
     if s.get("device", "cuda") == "cpu":
         return MemoryNeed(what, host=host + (unit + device) * world)
-    return MemoryNeed(what, unit=unit, gpu=device, host=host * world)
+    return MemoryNeed(what, unit=unit, gpu=device, host=host * world, gpus=world)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +301,15 @@ class _ReadAhead:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _give_back_gpu_memory(device: str) -> None:
+    """Return the caching allocator's GPU memory after a run in this process: a notebook kernel that
+    keeps it would leave the next run's process on that GPU tens of GiB short (seen on an H200)."""
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _sync(device) -> None:
     import torch
 
@@ -309,11 +329,14 @@ def calibrate_blocks(job: dict, rank: int, world: int, memory=None, progress: bo
     if memory is None and rank == 0 and world > 1:
         own = memory = MemorySampler(job["run_dir"], step="02_quantize").start()
     try:
-        return _Process(job, rank, world).run(memory, progress)
+        result = _Process(job, rank, world).run(memory, progress)
     finally:
         if own is not None:
             own.stop()
-        distributed.finish(world)
+    # Only after success: leaving the group waits for the other processes' collectives, which a
+    # failed process never joins (on NCCL that wait hung rank 0 after an error, unreported).
+    distributed.finish(world)
+    return result
 
 
 class _Process:
@@ -504,7 +527,7 @@ def _calibrate(cfg, path: str, layer, inputs: list, kwargs_of, quant_cfg: dict, 
     counter = ExpertTokenCounter(host)
     t0 = time.perf_counter()
     try:
-        mtq.quantize(host, quant_cfg, forward_loop=forward_loop)
+        mtq.quantize(host, local_max(quant_cfg), forward_loop=forward_loop)
     finally:
         counter.remove()
     _sync(device)
