@@ -54,12 +54,15 @@ def test_full_size_pro_release_passes_on_the_node(pro_release, tmp_path):
     assert dequant["rate"].startswith("1105 MiB/s (16 workers) on H200 node, 16 cores")  # nearest measured machine
     assert dequant["seconds"] == pytest.approx(3_197_868_864_632 / (1105 * 2**20))
     assert plan["02 calibrate"]["seconds"] == pytest.approx(61 * 127.9) and "anchors.md" in plan["02 calibrate"]["rate"]
-    assert plan["03 write the v4-serving layout"]["seconds"] is None  # no measured rate yet: said, not guessed
-    assert [r["projected"] for r in plan_rows(v) if r["step"] == "03"] == ["not measured", "not measured"]
+    write = plan["03 write the v4-serving layout"]  # carrying (the default), 32 workers: the 8-worker figure
+    assert write["rate"].startswith("1312 MiB/s (8 workers) on H200 node") and "layout-pro" in write["rate"]
+    assert write["seconds"] == pytest.approx(913_061_485_688 / (1312 * 2**20))
+    assert plan["03 verify the export"]["seconds"] is None  # no measured rate: said, not guessed
+    assert [r["projected"] for r in plan_rows(v) if r["step"] == "03"][1] == "not measured"
     rehearsal = by(v, "run", "rehearsal")[0]
     assert rehearsal["status"] == "warn" and "--rehearse" in rehearsal["detail"]
     text = format_verdict(v)
-    assert text.splitlines()[-1].startswith("PASS: v4_pro_b200") and "projected total: 2 h 56 min + 2 step(s) not measured" in text
+    assert text.splitlines()[-1].startswith("PASS: v4_pro_b200") and "projected total: 3 h 07 min + 1 step(s) not measured" in text
 
 
 def test_this_machine_refuses_with_every_reason(pro_release, tmp_path):
@@ -259,7 +262,10 @@ def test_rates_each_with_where_it_was_measured(tmp_path):
     assert rates.pick(table, "dequant", device="cuda", workers=16, cpus=224)["value"] == 1619
     assert rates.pick(table, "dequant", device="cpu", workers=2, cpus=2)["machine"].startswith("this 2-core VM")
     assert rates.pick(table, "dequant", device="cpu", workers=4, cpus=16)["value"] == 944
-    assert rates.pick(table, "calibrate", device="cuda", driver="streaming") is None  # not measured: not guessed
+    assert rates.pick(table, "calibrate", device="cuda", driver="streaming")["value"] == 9.6
+    assert rates.pick(table, "verify", device="cpu", workers=8) is None  # not measured: not guessed
+    assert rates.pick(table, "v4-serving", workers=8, cpus=32, route="requant", device="cuda")["value"] == 786
+    assert rates.pick(table, "v4-serving", workers=8, cpus=32, route="carry", device="cpu")["value"] == 1312
     assert rates.seconds({"unit": "s/layer", "value": 2.0}, layers=61) == 122
     bad = tmp_path / "rates.yaml"
     bad.write_text("rates:\n  - {what: dequant, unit: MiB/s, value: 900}\n")

@@ -425,9 +425,11 @@ def test_memory_and_disk_of_v4_pro(pro_release, tmp_path):
 
 
 def test_chain_with_the_streaming_driver_passes_verify(tiny_chain, tmp_path):
-    """`quantbook run` with `driver: streaming` on the tiny release: notebooks 01-04 complete, step 02
-    shows its per-block timeline and skips the export it does not write, step 03 writes the v4-serving
-    layout from the streaming amax (byte-identical to the modelopt chain's) and it passes the verifier."""
+    """`quantbook run` with `driver: streaming` on the tiny release, as the production params have it
+    (no `export.reference`): step 01's BF16 copy is left out, saying why; notebooks 02-04 complete,
+    step 02 shows its per-block timeline and skips the export it does not write, step 03 writes the
+    v4-serving layout from the streaming amax (byte-identical to the modelopt chain's) and it passes
+    the verifier, which compares with the release."""
     import nbformat
 
     from quantbook.export.layout import MANIFEST
@@ -435,14 +437,19 @@ def test_chain_with_the_streaming_driver_passes_verify(tiny_chain, tmp_path):
 
     raw = yaml.safe_load(tiny_chain["params"].read_text())
     raw["name"] = "tiny-streaming"
-    raw["dequant"]["destination"] = raw["export"]["reference"] = str(tmp_path / "bf16")
+    raw["dequant"]["destination"] = str(tmp_path / "bf16")
+    raw["export"]["reference"] = None
     raw["quantize"].update(driver="streaming", export_generic=False)
     raw["quantize"]["hf_ptq"].update(pyt_ckpt_path=raw["dequant"]["source"], export_path=str(tmp_path / "unused"))
     raw["export"]["dir"] = str(tmp_path / "export")
     params = tmp_path / "streaming.yaml"
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
-    manifest = run_chain(params, runs_dir=tmp_path / "runs", progress=False, echo=lambda s: None)
+    said = []
+    manifest = run_chain(params, runs_dir=tmp_path / "runs", progress=False, echo=said.append)
     assert manifest["status"] == "complete", {k: v.get("error") for k, v in manifest["steps"].items()}
+    assert sorted(manifest["steps"]) == ["02_quantize", "03_recover_export", "04_inspect_amax"]
+    assert manifest["invocations"][-1]["not_needed"] == ["01_dequant"] and not (tmp_path / "bf16").exists()
+    assert "01_dequant: not run (driver streaming calibrates from the release" in said[0]
     run_dir = tmp_path / "runs" / "tiny-streaming"
     assert json.loads((run_dir / "quantize.json").read_text())["driver"] == "streaming"
     assert json.loads((run_dir / "export.json").read_text())["verdict"] == "pass"
@@ -545,7 +552,7 @@ def test_preflight_of_the_production_params_on_the_node(pro_release, tmp_path):
     described 8x B200 node: a PASS, one block on a GPU, no step 01 and no BF16 copy planned."""
     from pro_support import b200, calib_file, pro_params
 
-    from quantbook.preflight import preflight
+    from quantbook.preflight import format_verdict, preflight
 
     p = pro_params(tmp_path, pro_release, calib_file(tmp_path / "calib.jsonl"), driver="streaming")
     v = preflight(p, machine=b200(), runs_dir=tmp_path / "runs")
@@ -554,4 +561,8 @@ def test_preflight_of_the_production_params_on_the_node(pro_release, tmp_path):
     assert memory["item"].startswith("one block at a time: 48.13 GiB in BF16")
     assert {d["output"] for d in v.disk} == {"amax + block checkpoint (resume)", "v4-serving export"}
     assert next(r for r in v.plan if r["step"] == "01")["runs"] == "no"
-    assert next(r for r in v.plan if r["step"] == "02")["what"] == "calibrate (streaming, 61 layers)"
+    calibrate = next(r for r in v.plan if r["step"] == "02")
+    assert calibrate["what"] == "calibrate (streaming, 61 layers)"
+    assert calibrate["seconds"] == pytest.approx(61 * 9.6) and "benchmarks/gpu_bench.sh" in calibrate["rate"]
+    text = format_verdict(v)
+    assert "projected total: 21 min" in text and "+ 1 step(s) not measured" in text, text

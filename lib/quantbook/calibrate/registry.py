@@ -39,3 +39,16 @@ def get(name: str):
         raise ParamsError(f"quantize.driver: {name!r} is not one of {list(targets)}")
     module, _, attr = targets[name].partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def bf16_copy_unneeded(params: dict) -> str | None:
+    """Why the chain needs no step 01 (BF16 copy) for these params, or None when it does: the
+    driver calibrates from the release and the verifier compares with the release (no
+    `export.reference`). The preflight plans it so and `quantbook run` skips it."""
+    try:
+        drv = get(((params.get("quantize") or {}).get("driver")) or "modelopt")
+    except ParamsError:
+        return None
+    if drv.needs_bf16_copy or (params.get("export") or {}).get("reference"):
+        return None
+    return f"driver {drv.name} calibrates from the release and the verifier compares with it: no BF16 copy"

@@ -40,10 +40,12 @@ def _applies(r: dict, key: str, value) -> bool:
 
 
 def pick(rates: list[dict], what: str, device: str | None = None, workers: int | None = None,
-         driver: str | None = None, cpus: int | None = None) -> dict | None:
-    """The figure for `what` that applies to these settings, or None when nothing was measured."""
+         driver: str | None = None, cpus: int | None = None, route: str | None = None) -> dict | None:
+    """The figure for `what` that applies to these settings, or None when nothing was measured.
+    `route`: step 03's writer carrying the released codes (`carry`) or re-quantizing (`requant`)."""
     device = device.split(":")[0] if device else None
-    found = [r for r in rates if r["what"] == what and _applies(r, "device", device) and _applies(r, "driver", driver)]
+    found = [r for r in rates if r["what"] == what and _applies(r, "device", device) and _applies(r, "driver", driver)
+             and _applies(r, "route", route)]
     if not found:
         return None
     if cpus:  # the measured machine nearest this one in cores (unknown core counts last)

@@ -155,20 +155,13 @@ def _device(ctx: Context, step: str, key: str, device: str) -> None:
         ctx.add(step, "device", key, REFUSE, f"{device!r}, but {why}; use cpu or run on the GPU node")
 
 
-def _driver_class(ctx: Context):
+def _dequant(ctx: Context) -> None:
     from ..calibrate import registry
 
-    try:
-        return registry.get(((ctx.params.get("quantize") or {}).get("driver")) or "modelopt")
-    except ParamsError:
-        return None
-
-
-def _dequant(ctx: Context) -> None:
     d = ctx.params.get("dequant") or {}
-    drv = _driver_class(ctx)
-    if drv is not None and not drv.needs_bf16_copy:
-        ctx.add("01", "plan", "BF16 copy", SKIP, f"driver {drv.name} calibrates from the release: no BF16 copy")
+    unneeded = registry.bf16_copy_unneeded(ctx.params)
+    if unneeded:
+        ctx.add("01", "plan", "BF16 copy", SKIP, unneeded)
         ctx.plan.append({"step": "01", "what": "dequantize to BF16", "runs": "no"})
         return
     dst, workers, device = d.get("destination"), int(d.get("workers", 2)), d.get("device", "cpu")
@@ -423,7 +416,8 @@ def _export(ctx: Context) -> None:
                     + (" (an earlier export of this release: resumed if made from the same amax and options, "
                        "refused by step 03 otherwise)" if manifest is not None else ""))
         ctx.output("03", "v4-serving export", dst, todo)
-        rate = rates_mod.pick(ctx.rates, "v4-serving", device=e["device"], workers=e["workers"], cpus=ctx.machine.cpus)
+        rate = rates_mod.pick(ctx.rates, "v4-serving", device=e["device"], workers=e["workers"], cpus=ctx.machine.cpus,
+                              route="carry" if e.get("cast_mxfp4_to_nvfp4", True) else "requant")
         what = f"write the v4-serving layout ({rel['config']['num_hidden_layers']} layers x " \
                f"{rel['config']['n_routed_experts']} experts NVFP4)"
     else:

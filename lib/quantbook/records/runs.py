@@ -398,6 +398,16 @@ def run_chain(params_path: str | Path, steps=None, run_id: str | None = None, ru
             raise ParamsError(f"the chain lacks step notebook(s) {gaps} in {all_steps[0].path.parent}; "
                               f"name the steps to run with --steps")
     chosen = select_steps(all_steps, steps)
+    not_needed = set()
+    if not steps:  # the whole chain: a step these params make pointless is left out, saying why
+        from ..calibrate.registry import bf16_copy_unneeded
+
+        why = bf16_copy_unneeded(params)
+        if why:
+            not_needed = {s.name for s in chosen if s.key == "01"}
+            chosen = [s for s in chosen if s.name not in not_needed]
+            for name in sorted(not_needed):
+                echo(f"{name}: not run ({why}; `--steps 01` runs it anyway)")
     redo_names = {s.name for s in select_steps(all_steps, redo)} if redo else set()
     run_id = run_id or params["name"]
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run_id):
@@ -437,6 +447,7 @@ def run_chain(params_path: str | Path, steps=None, run_id: str | None = None, ru
         elif gate is not None:
             manifest["rehearsal"] = gate
         manifest["invocations"].append({"started": _now(), "argv": sys.argv, "steps": [s.name for s in chosen],
+                                        **({"not_needed": sorted(not_needed)} if not_needed else {}),
                                         "host": env["host"]["name"], "git": env["git"]["commit"]})
         manifest["status"] = "running"
         _save(run_dir, manifest)
@@ -448,7 +459,8 @@ def run_chain(params_path: str | Path, steps=None, run_id: str | None = None, ru
                 continue
             echo(f"[{n}/{len(decisions)}] {s.name}: {s.title}")
             _run_step(pm, s, values, digest, run_dir, manifest, kernel, log_output, progress, echo)
-        done = all(manifest["steps"].get(s.name, {}).get("status") == "complete" for s in all_steps)
+        done = all(manifest["steps"].get(s.name, {}).get("status") == "complete" for s in all_steps
+                   if s.name not in not_needed)
         manifest["status"] = "complete" if done else "incomplete"
         return manifest
     except BaseException as e:
