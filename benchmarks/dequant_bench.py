@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from disk_rates import raw_write
+
 
 def build_source(root: Path, layers: int, experts: int) -> Path:
     from quantbook.release.format import FLASH_CONFIG, load_config
@@ -34,23 +36,6 @@ def build_source(root: Path, layers: int, experts: int) -> Path:
     src = root / "src"
     src.mkdir()
     return write_checkpoint(cfg, src, seed=0, tensors=random_code_tensors)
-
-
-def raw_write(dst: Path, sizes: list[int]) -> float:
-    """Seconds to write files of these sizes sequentially, fsynced, like the converter's shards."""
-    dst.mkdir()
-    block = os.urandom(16 << 20)
-    t = time.perf_counter()
-    for i, size in enumerate(sizes):
-        with open(dst / f"f{i}", "wb") as f:
-            left = size
-            while left:
-                n = min(left, len(block))
-                f.write(block[:n])
-                left -= n
-            f.flush()
-            os.fsync(f.fileno())
-    return time.perf_counter() - t
 
 
 def naive(src: Path, dst: Path) -> float:

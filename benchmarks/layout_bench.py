@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from disk_rates import raw_write
+
 MiB = 2**20
 
 
@@ -78,25 +80,6 @@ def amax_snapshot(src: Path) -> dict:
                 torch.maximum(own(f"{p}.w1"), own(f"{p}.w3"))
             out[f"{p}.w2.weight_quantizer._amax"] = own(f"{p}.w2")
     return out
-
-
-def raw_write(dst: Path, sizes: list[int]) -> float:
-    """Seconds to write files of these sizes sequentially, fsynced, like the writer's shards."""
-    dst.mkdir()
-    block = os.urandom(16 << 20)
-    t = time.perf_counter()
-    for i, size in enumerate(sizes):
-        with open(dst / f"f{i}", "wb") as f:
-            left = size
-            while left:
-                n = min(left, len(block))
-                f.write(block[:n])
-                left -= n
-            f.flush()
-            os.fsync(f.fileno())
-    secs = time.perf_counter() - t
-    shutil.rmtree(dst)
-    return secs
 
 
 def cpu_seconds() -> float:
@@ -178,6 +161,7 @@ def main() -> None:
                     name = f"{route} w={w}" + (f" {a.method or nvfp4.default_method(a.device)}" if route == "requant"
                                                else "")
                     before = raw_write(root / "raw", sizes)
+                    shutil.rmtree(root / "raw")
                     c0, t0 = cpu_seconds(), time.perf_counter()
                     layout.write_serving_layout(src, snap, root / "out", cast_mxfp4_to_nvfp4=route == "carry",
                                                 workers=w, device=a.device, progress=False, method=a.method,
@@ -185,6 +169,7 @@ def main() -> None:
                     secs, cpu = time.perf_counter() - t0, cpu_seconds() - c0
                     shutil.rmtree(root / "out")
                     after = raw_write(root / "raw", sizes)
+                    shutil.rmtree(root / "raw")
                     raw = out_bytes / ((before + after) / 2)
                     run = {"MiBps": out_bytes / secs / MiB, "raw_MiBps": raw / MiB, "ratio": out_bytes / secs / raw,
                            "cpu_s_per_GiB": cpu / (out_bytes / 2**30), "seconds": secs}

@@ -50,8 +50,9 @@ def test_rehearsal_of_v4_pro_b200_on_a_sparse_full_size_release(pro_rehearsal, p
     assert "running on CPU: this machine has no CUDA GPU" in r.stdout
     assert "the real run may start: quantbook run" in r.stdout
     m = load_manifest(rd)
-    assert m["status"] == "complete" and list(m["steps"]) == ["01_dequant", "02_quantize", "03_recover_export",
-                                                              "04_inspect_amax"]
+    # as the real run: no step 01 (driver streaming reads the release, the verifier compares with it)
+    assert m["status"] == "complete" and list(m["steps"]) == ["02_quantize", "03_recover_export", "04_inspect_amax"]
+    assert m["invocations"][-1]["not_needed"] == ["01_dequant"]
     of = m["rehearsal_of"]
     assert of["params_name"] == "v4_pro_b200" and of["device"] == "cpu" and of["release"] == str(pro_release)
     changes = {c["key"]: c for c in of["changes"]}
