@@ -12,8 +12,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-# the shared folder beside the checkout, in CI too
-SHARED = REPO.parent / "shared"
 
 
 @pytest.fixture(scope="session")

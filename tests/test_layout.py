@@ -27,7 +27,8 @@ from quantbook.release.format import PRO_CONFIG, load_config
 from quantbook.release.shards import INDEX_NAME, read_header
 
 # the shared folder beside the checkout (in CI too): NVIDIA's published DeepSeek-V4-Pro-NVFP4 configs
-REF_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "deepseek-v4" / "nvfp4-serving-layout"
+# NVIDIA's published DeepSeek-V4-Pro-NVFP4 config.json and hf_quant_config.json, kept with the tests
+REF_DIR = Path(__file__).resolve().parent / "data" / "DeepSeek-V4-Pro-NVFP4"
 # the test's own statement of which released tensors the layout replaces (main layers' routed experts)
 RELEASED_EXPERT = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.(weight|scale)$")
 SUFFIXES = ("weight", "weight_scale", "weight_scale_2", "input_scale")
