@@ -80,18 +80,17 @@ def reduce_amax(amax: dict, device) -> tuple[dict, int]:
     if not _active():
         return amax, 0
     keys = sorted(amax)
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, keys)
-    if any(k != keys for k in every):
-        odd = sorted(set().union(*map(set, every)) - set.intersection(*map(set, every)))
+    if odd := _not_everywhere(keys):
         raise QuantizeError(f"the processes disagree on which quantizers have an amax (e.g. {odd[:5]}); "
                             "a process saw no calibration data for them")
+    if not keys:
+        return {}, 0
+    flat = torch.cat([amax[k].to(device=device, dtype=torch.float32).reshape(-1) for k in keys])
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX)  # one collective for the block: MAX is elementwise
     out, changed = {}, 0
-    for k in keys:
+    for k, f in zip(keys, flat.cpu().split([amax[k].numel() for k in keys])):
         t = amax[k]
-        f = t.to(device=device, dtype=torch.float32).clone()
-        dist.all_reduce(f, op=dist.ReduceOp.MAX)
-        back = f.to("cpu", t.dtype)
+        back = f.reshape(t.shape).to(t.dtype, copy=True)  # its own storage: safetensors refuses shared ones
         changed += int(not torch.equal(back, t.cpu()))
         out[k] = back
     return out, changed
@@ -105,16 +104,20 @@ def reduce_counts(counts: dict[str, list[int]], device) -> dict[str, list[int]]:
     if not _active():
         return counts
     keys = sorted(counts)
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, keys)
-    if any(k != keys for k in every):
-        raise QuantizeError(f"the processes counted tokens for different MoE layers: {every}")
-    out = {}
-    for k in keys:
-        t = torch.tensor(counts[k], dtype=torch.int64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        out[k] = t.cpu().tolist()
-    return out
+    if odd := _not_everywhere(keys):
+        raise QuantizeError(f"the processes counted tokens for different MoE layers (e.g. {odd[:5]})")
+    if not keys:
+        return {}
+    flat = torch.tensor([c for k in keys for c in counts[k]], dtype=torch.int64, device=device)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # one collective for the block: SUM is elementwise
+    sums = flat.cpu().split([len(counts[k]) for k in keys])
+    return {k: v.tolist() for k, v in zip(keys, sums)}
+
+
+def _not_everywhere(keys: list[str]) -> list[str]:
+    """The names some process holds and another does not (none: the collectives pair up by name)."""
+    every = gather(keys)
+    return sorted(set().union(*map(set, every)) - set.intersection(*map(set, every)))
 
 
 def gather(obj) -> list:
