@@ -16,6 +16,13 @@ from typing import Callable
 from .release.resume import filesystem, free_disk
 
 
+def free_port(ip: str = "127.0.0.1") -> int:
+    """A TCP port free on `ip` now (a JupyterLab server, a process group's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
 def _visible(indices: list[int]) -> list[int]:
     """The NVML indices CUDA_VISIBLE_DEVICES leaves visible (all when unset or not numeric)."""
     spec = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -29,13 +28,6 @@ from ..errors import QuantizeError
 
 TIMEOUT_ENV = "QUANTBOOK_COLLECTIVE_TIMEOUT_S"  # how long a process waits in one collective (default 1 h)
 STACKS_ENV = "QUANTBOOK_STACKS_EVERY_S"  # set: each process prints every thread's stack this often
-
-
-def free_port() -> int:
-    """A TCP port free on this host now (for the process group's rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def backend(device_type: str) -> str:

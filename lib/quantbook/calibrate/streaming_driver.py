@@ -40,6 +40,7 @@ from pathlib import Path
 from .. import atomic
 from ..amax import amax_problem
 from ..errors import ParamsError, QuantizeError
+from ..machine import free_port
 from . import block_checkpoint, blocks, distributed, mtp, state
 from .checks import is_v4
 from .data import ExpertTokenCounter, coverage, describe_dataloader
@@ -242,7 +243,7 @@ def prepare(q: dict, s: dict, df: dict, run_dir: Path) -> dict:
             "calib": calib, "quant_cfg": quant_cfg, "blocks": df["blocks"], "world": world,
             "save_every": q["save_every"], "device": device,
             "signature": sig, "plan": plan, "timeline": manifest.get("timeline", {}),
-            "init_method": f"tcp://127.0.0.1:{distributed.free_port()}" if world > 1 else None}
+            "init_method": f"tcp://127.0.0.1:{free_port()}" if world > 1 else None}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from ..atomic import read_json, write_text
 from ..errors import RunError
+from ..machine import free_port
 from .runs import MANIFEST, runs_this_python
 
 RECORD = "04_inspect_amax.ipynb"
@@ -100,12 +101,6 @@ def kernel_name(notebook: str | Path) -> str:
 
 
 # -- the server ------------------------------------------------------------------------------------
-def free_port(ip: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return s.getsockname()[1]
-
-
 class LabServer:
     """`with LabServer(root) as lab:` JupyterLab serving `root` (see the module's docstring);
     `lab.url(path)`, `lab.api(path)`. On exit every kernel is shut down, then the server, then
