@@ -17,8 +17,12 @@ from .release.format import named_config
 
 
 def cmd_make_tiny(a) -> int:
-    from .release.tiny import make_tiny
+    from .release.tiny import check_trained_spec, copy_trained, make_tiny
 
+    if a.trained:
+        check_trained_spec({"like": a.like, "layers": a.layers, "experts": a.experts})
+        print(f"trained tiny V4 checkpoint copied to {copy_trained(a.out)} (files checked against TRAINING.json)")
+        return 0
     out = make_tiny(a.out, like=named_config(a.like), seed=a.seed, layers=a.layers, experts=a.experts)
     print(f"tiny V4 checkpoint written to {out}")
     return 0
@@ -190,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--experts", type=int, default=None)
+    p.add_argument("--trained", action="store_true",
+                   help="copy the packaged TRAINED tiny release (flash, 4 layers, 8 experts; --seed does not apply) "
+                        "instead of random weights")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("make-sparse", help="a full-size release's exact shards and headers, data as holes (seconds)")

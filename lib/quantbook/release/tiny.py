@@ -5,12 +5,21 @@ the tensor table of `format` is filled with deterministic weights for a seed, an
 weights are stored with power-of-two scales so every value survives the round trip exactly.
 Shards, names, dtypes and the index follow the release: embed, one shard per layer, head,
 MTP; no `__metadata__`. A byte-level tokenizer with the release's special tokens rides along.
+
+Random weights make a fine format rehearsal but meaningless quality numbers (perplexity, KL
+divergence of a quantized export against it). The package also carries a TRAINED tiny release of
+the default shape (Flash config, 4 layers, 8 experts) in `TRAINED_DIR`: trained on the calibration
+text by `scripts/train_tiny.py` (MTP block included, quantization-aware), its record in
+`TRAINED_RECORD` (command, numbers, the sha256 of every file). `copy_trained` copies it out after
+checking every file against the record; a `tiny:` section with `trained: true` asks for it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -31,6 +40,11 @@ TINY_DIMS = dict(
     index_n_heads=4, index_head_dim=64, index_topk=16, sliding_window=16, vocab_size=1024,
 )
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+
+# The trained tiny release shipped with the package, and what it was trained as (`tiny:` keys).
+TRAINED_DIR = Path(__file__).parent / "trained" / "DeepSeek-V4-tiny"
+TRAINED_RECORD = TRAINED_DIR.parent / "TRAINING.json"
+TRAINED_SPEC = {"like": "flash", "layers": 4, "experts": None}
 
 
 def tiny_config(like: dict, layers: int = 4, experts: int | None = None) -> dict:
@@ -162,14 +176,85 @@ def section_config(spec: dict) -> dict:
 
 def build_if_missing(source: str | Path, spec: dict | None) -> bool:
     """Build the tiny release at `source` from a params `tiny:` section ({like, seed, layers,
-    experts}) when `source` does not exist; True when it was built."""
+    experts, trained}) when `source` does not exist; True when it was built. `trained: true`
+    copies the packaged trained release instead (`copy_trained`; `seed` does not apply to it)."""
     if Path(source).exists():
         return False
     if not spec:
         raise FormatError(f"source {source} does not exist (and no `tiny:` section asks to build it)")
+    if spec.get("trained"):
+        check_trained_spec(spec)
+        copy_trained(source)
+        return True
     make_tiny(source, like=named_config(spec.get("like", "flash")), seed=spec.get("seed", 0),
               layers=spec.get("layers", 4), experts=spec.get("experts"))
     return True
+
+
+def check_trained_spec(spec: dict) -> None:
+    """Refuse a `tiny:` section (or make-tiny options) asking for `trained` together with a shape
+    the trained release does not have; the error names the key."""
+    trained = load_config(TRAINED_DIR)
+    for key, want in TRAINED_SPEC.items():
+        got = spec.get(key)
+        if got is None:
+            continue
+        if key == "like":
+            same = tiny_config(load_config(named_config(got)), layers=trained["num_hidden_layers"]) == trained
+        elif key == "layers":
+            same = int(got) == trained["num_hidden_layers"]
+        else:
+            same = int(got) == trained["n_routed_experts"]
+        if not same:
+            raise FormatError(f"the trained tiny release asked for with {key}: {got}, but it is like: flash, "
+                              f"layers: {trained['num_hidden_layers']}, experts: {trained['n_routed_experts']} "
+                              f"(drop `{key}` or `trained`)")
+
+
+def trained_record() -> dict:
+    """TRAINING.json of the packaged trained release (how it was trained, its numbers, its files)."""
+    try:
+        return json.loads(TRAINED_RECORD.read_text())
+    except FileNotFoundError:
+        raise FormatError(f"{TRAINED_RECORD}: missing (the trained tiny release is not in this installation)") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_trained(directory: str | Path | None = None) -> dict:
+    """Check the trained release (or a copy of it) against TRAINING.json: the same files, each with
+    its sha256. Returns {file name: sha256}; raises FormatError naming the first difference."""
+    directory = Path(directory) if directory is not None else TRAINED_DIR
+    want = trained_record()["files"]
+    have = sorted(p.name for p in directory.iterdir() if p.is_file()) if directory.is_dir() else []
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing or extra:
+        raise FormatError(f"{directory}: files missing {missing}, not in TRAINING.json {extra}")
+    for name in sorted(want):
+        got = _sha256(directory / name)
+        if got != want[name]:
+            raise FormatError(f"{directory / name}: sha256 {got[:16]}... but TRAINING.json says {want[name][:16]}...")
+    return dict(want)
+
+
+def copy_trained(out: str | Path) -> Path:
+    """Copy the packaged trained tiny release to `out` (new or empty), every file checked against
+    TRAINING.json before and after the copy."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise DestinationError(f"{out} is not empty: make-tiny writes into a new or empty directory")
+    files = verify_trained()
+    with atomic.partial_dir(out) as work:
+        for name in sorted(files):
+            shutil.copyfile(TRAINED_DIR / name, Path(work) / name)
+        verify_trained(work)
+    return out
 
 
 def write_checkpoint(config: dict, out: Path, seed: int = 0, tensors=_tensors) -> Path:
