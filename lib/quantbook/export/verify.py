@@ -4,13 +4,13 @@ For a v4-serving export it applies the contract's checklist (../shared/docs/v4-n
 layout.md) plus a numeric check, and gives `pass` or `fail`. A generic modelopt export of the
 transformers model gets `research-only` with every reason it is not loadable by vLLM/SGLang for V4.
 
-The numeric check dequantizes every NVFP4 expert weight with this module's own decoding
-(E2M1 code x E4M3 `weight_scale` x `weight_scale_2`) and compares it with the release's own
-values (its MXFP4 decoded exactly, or step 01's BF16 copy, the same values, when only that is
-given): a block carried from the release must equal them exactly (an export's manifest names the
-tensors carried and their lossy blocks), every other block must stay within NVFP4's rounding
-bound. The bound, per 16-element block b with scale unit S_b = weight_scale_b * weight_scale_2
-and reference block maximum a_b:
+The numeric check dequantizes every NVFP4 expert weight as the engines decode it
+(`export.engine.decode_nvfp4`: E2M1 code x E4M3 `weight_scale` x `weight_scale_2`) and compares
+it with the release's own values (its MXFP4 decoded exactly, or step 01's BF16 copy, the same
+values, when only that is given): a block carried from the release must equal them exactly (an
+export's manifest names the tensors carried and their lossy blocks), every other block must stay
+within NVFP4's rounding bound. The bound, per 16-element block b with scale unit
+S_b = weight_scale_b * weight_scale_2 and reference block maximum a_b:
 
     |W - Wq| <= max( min(S_b, a_b/6 * (1 + 2^-4) + 2^-10 * ws2),   # one E2M1 step
                      2^-9 * ws2,                                     # E4M3's smallest scale
@@ -45,9 +45,9 @@ import torch
 
 from .. import atomic
 from ..errors import VerifyFailed
-from ..release.dequant import E2M1 as E2M1_VALUES
 from ..release.format import PROJS, expected_tensors, expert_name, expert_prefix, load_config
 from ..release.shards import INDEX_NAME, Checkpoint, read_range
+from .engine import decode_nvfp4 as dequant_nvfp4  # its old name here (tests and callers use it)
 from .engines import MTP_SERVING, vllm_expert_form
 from .layout import GROUP, HF_QUANT_CONFIG, LAYOUT, MANIFEST, mtp_layers, quantized_layers, release_expert_bf16
 
@@ -59,7 +59,6 @@ TRANSFORMERS_NAMES = re.compile(
     r"(^model\.|^lm_head\.|embed_tokens|self_attn|(^|\.)mlp\.|(^|\.)(q_a|q_b|kv|o_a|o_b|gate|up|down)_proj\.|"
     r"hc_head\.hc_|weight_scale_inv)")
 FP8_KEYS = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
-E2M1 = torch.tensor(E2M1_VALUES, dtype=torch.float32)
 SHOW = 5  # problems named in a check's detail
 NVFP4_SUFFIXES = ("weight", "weight_scale", "weight_scale_2", "input_scale")
 
@@ -94,15 +93,6 @@ class Check:
 
 
 # ----------------------------------------------------------------------------- numbers
-
-
-def dequant_nvfp4(codes: torch.Tensor, scale: torch.Tensor, ws2: torch.Tensor) -> torch.Tensor:
-    """Packed E2M1 [out, in/2] (low nibble = even column) x E4M3 [out, in/16] x fp32 scalar -> fp32 [out, in]."""
-    c = codes.view(torch.uint8).to(torch.int64)
-    out, half = c.shape
-    v = torch.stack([E2M1[c & 0xF], E2M1[c >> 4]], dim=2).reshape(out, half * 2)
-    unit = scale.view(torch.float8_e4m3fn).to(torch.float32) * ws2.to(torch.float32)
-    return (v.reshape(out, -1, GROUP) * unit.unsqueeze(2)).reshape(out, half * 2)
 
 
 def nvfp4_error(codes, scale, ws2, ref: torch.Tensor) -> dict:
