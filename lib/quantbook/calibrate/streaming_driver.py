@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -250,58 +249,6 @@ def prepare(q: dict, s: dict, df: dict, run_dir: Path) -> dict:
 # each process
 
 
-class _ReadAhead:
-    """Reads blocks' bytes in a thread: the next block is read while this one computes.
-
-    Two buffers, each as large as the largest block, allocated once and reused: a block's tensors
-    are views of its buffer until `release(block)`, and the next block is read into the other one
-    (page-locked on CUDA: allocating 14 GB of page-locked memory per block took as long as reading
-    it, half the disk's rate, on an H200 machine)."""
-
-    def __init__(self, release, table: dict, pin: bool, blocks_to_read: list[str]):
-        self.ckpt, self.table, self.pin = release, table, pin
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streaming-read")
-        self.pending: dict = {}
-        self.size = max((sum(end - start for *_, start, end in release.block_spans(list(table[b])))
-                         for b in blocks_to_read), default=0)
-        self.buffers: list = [None, None]
-        self.free = [1, 0]
-        self.owner: dict[str, int] = {}
-
-    def _read(self, block: str, buf):
-        t0 = time.perf_counter()
-        raw, nbytes = self.ckpt.read_block(list(self.table[block]), pin_memory=self.pin, into=buf)
-        return raw, nbytes, time.perf_counter() - t0
-
-    def ahead(self, block: str | None) -> None:
-        if block is None or block in self.pending:
-            return
-        if not self.free:
-            raise RuntimeError(f"no read buffer free for {block}: a block was not released")
-        i = self.free.pop()
-        if self.buffers[i] is None:
-            import torch
-
-            self.buffers[i] = torch.empty(self.size, dtype=torch.uint8, pin_memory=self.pin)
-        self.owner[block] = i
-        self.pending[block] = self.pool.submit(self._read, block, self.buffers[i])
-
-    def take(self, block: str) -> tuple[dict, dict]:
-        """The block's tensors as stored (views of its buffer until `release`), and
-        {read_s, read_wait_s, read_bytes}."""
-        self.ahead(block)
-        t0 = time.perf_counter()
-        raw, nbytes, secs = self.pending.pop(block).result()
-        return raw, {"read_s": round(secs, 4), "read_wait_s": round(time.perf_counter() - t0, 4), "read_bytes": nbytes}
-
-    def release(self, block: str) -> None:
-        """The block's bytes are no longer used (its layer is built, calibrated and freed)."""
-        self.free.append(self.owner.pop(block))
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
 def _give_back_gpu_memory(device: str) -> None:
     """Return the caching allocator's GPU memory after a run in this process: a notebook kernel that
     keeps it would leave the next run's process on that GPU tens of GiB short (seen on an H200)."""
@@ -390,7 +337,7 @@ class _Process:
         job = self.job
         saver = block_checkpoint.Saver(self.run_dir, job["signature"], job["blocks"], self.rank, self.world,
                                        job["plan"]["done"], job["timeline"])
-        reader = _ReadAhead(self.release, self.table, self.device.type == "cuda", self.todo)
+        reader = blocks.ReadAhead(self.release, self.table, self.device.type == "cuda", self.todo)
         timeline, finished = {}, []
         try:
             for k, block in enumerate(self.todo):
