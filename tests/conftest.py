@@ -43,12 +43,13 @@ def tiny_bf16(tiny_src, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_chain(tiny_src, tmp_path_factory):
+def tiny_chain(tmp_path_factory):
     """The README's main command on the embedded tiny default, once per session: the repository's
-    `params/tiny.yaml` with its paths moved under a temporary directory, the release taken from
-    `tiny_src` (the same seed the `tiny:` section builds) and the calibration text written for the
+    `params/tiny.yaml` with its paths moved under a temporary directory, the release its `tiny:`
+    section builds (the packaged trained tiny), the calibration and held-out text written for the
     tests, and step 02 asked for modelopt's generic export too (`export_generic: true`, off by
-    default); notebooks 01 -> 04 through papermill. Read-only for the tests that share it.
+    default); notebooks 01 -> 04 through papermill (step 03 ends with the fidelity gate). Read-only
+    for the tests that share it.
 
     Returns the paths: params, runs, run_dir, src, bf16, generic (step 02's modelopt export),
     export (step 03's v4-serving layout), calib, and the chain's manifest and quantize record."""
@@ -58,6 +59,7 @@ def tiny_chain(tiny_src, tmp_path_factory):
 
     from quantbook.params import load_params
     from quantbook.records.runs import run_chain
+    from quantbook.release.tiny import build_if_missing
     from quantize_support import write_calib
 
     base = tmp_path_factory.mktemp("chain")
@@ -67,7 +69,8 @@ def tiny_chain(tiny_src, tmp_path_factory):
     raw["quantize"]["export_generic"] = True  # the tests compare modelopt's generic export with step 03's
     src = Path(raw["dequant"]["source"])
     src.parent.mkdir(parents=True)
-    shutil.copytree(tiny_src, src)
+    assert raw["tiny"].get("trained"), "the embedded default is the trained tiny"
+    build_if_missing(src, raw["tiny"])
     params = base / "tiny.yaml"
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     calib = write_calib(base / "calib" / "english.jsonl")

@@ -34,9 +34,42 @@ CALIB_TEXT = [
 ]
 
 
-def write_calib(path: Path, lines: list[str] = CALIB_TEXT) -> Path:
+# Original held-out text for the fidelity gate (never a calibration sample; no third-party text committed).
+HELDOUT_TEXT = [
+    "The ferry crossed the bay twice a day, and on calm mornings the passengers could see the bottom of the "
+    "harbour through the green water. Gulls followed the boat for the bread the children threw them.",
+    "In the workshop the carpenter marked each board with a pencil, measured it again, and only then reached for "
+    "the saw. His apprentice learned more from watching his hands than from anything he said.",
+    "The old road climbed through the forest in long loops, past a spring where travellers stopped to drink and "
+    "a stone bench that someone had carved with the date of a wedding a hundred years before.",
+    "When the power failed, the whole street came out with candles and lanterns, and for one evening the "
+    "neighbours talked to each other as if they had only just met.",
+    "She wrote the letter three times before she was satisfied, folded it twice, and walked to the post office "
+    "in the rain rather than wait another day to send it.",
+    "The market opened before dawn: fish on ice, apples in wooden crates, bread still warm from the ovens, and a "
+    "man who sold nothing but buttons of every colour and size.",
+    "A small boat with a red sail tacked back and forth across the river mouth, waiting for the tide to turn so "
+    "that it could slip out to sea without fighting the current.",
+    "The museum kept its oldest clock in a glass case. It had not run for decades, but the curator wound it once "
+    "a year, just to hear whether it would still tick for a minute or two.",
+    "By the end of the summer the field was gold, and the farmers watched the sky each evening, hoping the rain "
+    "would hold off until the harvest was in the barns.",
+    "The students argued late into the night about whether a perfect map would have to be as large as the land it "
+    "described, and whether anyone could ever fold it.",
+    "At the top of the tower a narrow window looked out over the town, the river, the hills beyond, and on a clear "
+    "day the faint grey line of the mountains far to the east.",
+    "The baker rose at three each morning. By six the shelves were full, by noon they were half empty, and by the "
+    "time the school bell rang in the afternoon there was nothing left but crumbs.",
+]
+
+
+def write_calib(path: Path, lines: list[str] = CALIB_TEXT, heldout: list[str] = HELDOUT_TEXT) -> Path:
+    """The calibration JSONL at `path` and, beside it, the held-out file the fidelity gate reads."""
+    from quantbook.calibrate.data import heldout_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    heldout_path(path).write_text("".join(json.dumps({"text": t}) + "\n" for t in heldout))
     return path
 
 

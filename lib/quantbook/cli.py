@@ -127,6 +127,25 @@ def cmd_verify(a) -> int:
     return exit_code(result)
 
 
+def cmd_eval(a) -> int:
+    from .export.fidelity import evaluate, exit_code, format_table, write_result
+
+    settings = {k: v for k, v in (("engine", a.engine), ("mode", a.mode), ("device", a.device), ("text", a.text),
+                                  ("samples", a.samples), ("seq", a.seq), ("batch_size", a.batch_size),
+                                  ("act_scale", a.act_scale)) if v is not None}
+    result = evaluate(a.export, a.source, settings, calibration=a.calibration)
+    run_dir = Path(a.run_dir) if a.run_dir else Path("runs") / f"eval-{Path(a.export).resolve().name}"
+    paths = write_result(result, run_dir)
+    if a.json:
+        from . import atomic
+
+        atomic.write_json(a.json, result)
+        paths += (Path(a.json),)
+    print(format_table(result))
+    print(f"written: {', '.join(map(str, paths))}")
+    return exit_code(result)
+
+
 def cmd_export(a) -> int:
     return _export_from_run(a.params, a.run_dir, a.validate_only, "export")
 
@@ -142,6 +161,13 @@ def _export_from_run(params, run_dir, validate_only_: bool, command: str) -> int
     rec, code = export_only(params, run_dir)
     print(rec["verify_table"])
     print(f"{rec['verdict'].upper()}: {rec['verify_summary']} (records in {rec['run_dir']})")
+    if rec.get("eval"):
+        from .export.fidelity import format_table
+
+        print(format_table(rec["eval"]))
+    gate = rec.get("fidelity") or {}
+    if gate:
+        print(f"fidelity gate: {gate['verdict'].upper()}{': ' + gate['summary'] if gate.get('summary') else ''}")
     return code
 
 
@@ -258,6 +284,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=int, default=None, help="numeric check on N expert tensors only (default all)")
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("eval", help="the fidelity gate: the export as the engine computes it against the release, "
+                                    "block by block on held-out text (PPL, KLD, top token, MTP); exit 1 if it fails")
+    p.add_argument("export", help="the v4-serving export directory (quantbook's, or any in that layout)")
+    p.add_argument("--source", required=True, help="the release (FP8/FP4) it was made from: the reference model")
+    p.add_argument("--engine", choices=["vllm", "sglang"], default=None,
+                   help="whose reading of the export, MTP experts included (default vllm)")
+    p.add_argument("--mode", choices=["w4a4", "w4a16"], default=None,
+                   help="w4a4: activations NVFP4 as on Blackwell (default); w4a16: BF16 activations (Marlin, Hopper)")
+    p.add_argument("--act-scale", choices=["layer", "expert"], default=None,
+                   help="one activation scale per layer and projection, as the engines use (default), or per expert")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda[:N]")
+    p.add_argument("--text", default=None, help="held-out JSONL ({\"text\": ...} per line); default: the held-out "
+                   "file beside --calibration")
+    p.add_argument("--calibration", default=None, help="the calibration JSONL: its held-out sibling is the default "
+                   "text, and the text may share no sample with it")
+    p.add_argument("--samples", type=int, default=None, help="sequences of --seq tokens (default 16)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 128)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per forward (default 4)")
+    p.add_argument("--run-dir", default=None, help="where eval.json/eval.md go (default runs/eval-<export>)")
+    p.add_argument("--json", default=None, help="also write the whole result to this JSON file")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="step 03: export from a run's saved amax/state (no recalibration), then verify")
     p.add_argument("params", help="params YAML (its export: section)")

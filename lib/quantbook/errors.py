@@ -61,6 +61,10 @@ class VerifyFailed(QuantbookError):
     """An export that failed `quantbook verify`; the message names the failed checks."""
 
 
+class FidelityFailed(QuantbookError):
+    """An export that failed the fidelity gate (`quantbook eval`); the message names the worst blocks."""
+
+
 class RunError(QuantbookError):
     """A chain run that cannot start: a locked run directory, no kernel for this interpreter."""
 

@@ -50,6 +50,7 @@ EXPORT_DEFAULTS = {
     "workers": 2,
     "device": "cpu",
     "verify_sample": None,  # numeric check on N expert tensors spread over the model (None: all)
+    "fidelity": None,  # the fidelity gate after verify (export.fidelity: FIDELITY_DEFAULTS, GATE_DEFAULTS)
 }
 OK, WARN, FAIL = "ok", "warn", "fail"
 
@@ -74,6 +75,11 @@ def export_settings(e: dict | None) -> dict:
         raise ParamsError(f"export.mtp_experts: {e['mtp_experts']!r}; choose one of {list(MTP_EXPERTS)}")
     if e["layout"] != "v4-serving" and e["mtp_experts"] != "released":
         raise ParamsError("export.mtp_experts: nvfp4 only with layout v4-serving")
+    from .fidelity import fidelity_settings
+
+    e["fidelity"] = fidelity_settings(e["fidelity"])
+    if e["layout"] != "v4-serving":
+        e["fidelity"]["enabled"] = False  # the gate reads the serving layout; a generic export is research only
     return e
 
 
@@ -352,9 +358,37 @@ def export(e: dict, run_dir: str | Path, progress: bool = True, verify_stem: str
         result = verify(e["dir"], source=e["source"], reference=e["reference"], sample=e["verify_sample"],
                         workers=e["workers"], progress=progress)
         paths = write_result(result, run_dir, stem=verify_stem)
-        out = rec.done(verdict=result["verdict"], verify_summary=result["summary"],
-                       verify_files=[str(p) for p in paths], seconds=round(time.time() - t0, 2))
-    return {**out, "verify_table": format_table(result), "verify": result}
+        rec.update(verdict=result["verdict"], verify_summary=result["summary"], verify_files=[str(p) for p in paths])
+        gate = run_fidelity(e, run_dir, result, progress) if e["fidelity"]["enabled"] else None
+        out = rec.done(fidelity=gate and gate["record"], seconds=round(time.time() - t0, 2))
+    return {**out, "verify_table": format_table(result), "verify": result, "eval": gate and gate["result"]}
+
+
+def calibration_file(run_dir: Path) -> str | None:
+    """The local calibration JSONL step 02 ran on (from its `quantize.json`), or None."""
+    q = atomic.read_json(run_dir / "quantize.json") or {}
+    datasets = str(((q.get("params") or {}).get("hf_ptq") or {}).get("dataset") or "").split(",")
+    local = [d for d in datasets if d.endswith(".jsonl") and Path(d).exists()]
+    return local[0] if local else None
+
+
+def run_fidelity(e: dict, run_dir: Path, verified: dict, progress: bool = True) -> dict:
+    """The fidelity gate on a verified export: `eval.json` / `eval.md` in the run directory and the
+    export's model card. Not run on an export that failed verification (named in the record)."""
+    from . import fidelity
+
+    if verified["verdict"] != "pass":
+        return {"record": {"verdict": "not run", "why": f"verify: {verified['verdict']}"}, "result": None}
+    result = fidelity.evaluate(e["dir"], e["source"], e["fidelity"], calibration=calibration_file(run_dir),
+                               progress=progress)
+    files = fidelity.write_result(result, run_dir)
+    card = fidelity.write_model_card(e["dir"], result, fidelity.provenance(run_dir, e))
+    n = result["numbers"]
+    return {"result": result, "record": {
+        "verdict": result["verdict"], "summary": result["summary"], "reasons": result["reasons"],
+        "worst_blocks": result["worst_blocks"], "ppl_ratio": n["ppl_ratio"], "kld_mean": n["kld"]["mean"],
+        "same_top": n["same_top"], "mtp_agreement": (n.get("mtp") or {}).get("top1_agreement"),
+        "files": [str(p) for p in files], "model_card": str(card)}}
 
 
 def default_run_dir(params: dict, runs_dir: str | Path = "runs") -> Path:
@@ -369,7 +403,8 @@ def export_only(params_path: str | Path, run_dir: str | Path | None = None, prog
 
     params = load_params(params_path)
     rec = export(params.get("export") or {}, run_dir or default_run_dir(params), progress=progress)
-    return rec, exit_code({"verdict": rec["verdict"]})
+    code = exit_code({"verdict": rec["verdict"]})
+    return rec, code or (1 if (rec.get("fidelity") or {}).get("verdict") == "fail" else 0)
 
 
 def validate_only(params_path: str | Path, run_dir: str | Path | None = None) -> tuple[dict, int]:

@@ -371,6 +371,7 @@ def _export(ctx: Context) -> None:
     ctx.add("03", "settings", "export", OK, f"layout {e['layout']}, cast_mxfp4_to_nvfp4 {e['cast_mxfp4_to_nvfp4']}, "
             f"{e['workers']} workers on {e['device']}")
     _device(ctx, "03", "export.device", e["device"])
+    _fidelity(ctx, e)
     dst = Path(e["dir"])
     planned_bf16 = (ctx.params.get("dequant") or {}).get("destination") if "01" in ctx.steps else None
     amax_ready = "02" in ctx.steps or (ctx.run_dir / SNAPSHOT).is_file() or (ctx.run_dir / STATE_DIR).is_dir()
@@ -446,6 +447,41 @@ def _export(ctx: Context) -> None:
                                                                    if e["verify_sample"] else " (every expert tensor)"),
                      "runs": "yes", "seconds": rates_mod.seconds(rate, nbytes=todo) if rate else None,
                      "rate": rates_mod.describe(rate) if rate else None})
+    f = e["fidelity"]
+    if f["enabled"] and e["layout"] == "v4-serving":
+        cfg = rel["config"]
+        blocks_n = cfg["num_hidden_layers"] + (1 if cfg.get("num_nextn_predict_layers") else 0)
+        rate = rates_mod.pick(ctx.rates, "eval", device=f["device"], cpus=ctx.machine.cpus)
+        ctx.plan.append({"step": "03", "what": f"fidelity gate: {blocks_n} blocks x 2 models on {f['samples']} x "
+                                               f"{f['seq']} held-out tokens ({f['engine']}, {f['mode']})",
+                         "runs": "yes", "seconds": rates_mod.seconds(rate, layers=blocks_n) if rate else None,
+                         "rate": rates_mod.describe(rate) if rate else None})
+
+
+def _fidelity(ctx: Context, e: dict) -> None:
+    """The fidelity gate's device and held-out text (named, or the one beside the calibration file)."""
+    from ..calibrate.data import heldout_path
+
+    f = e["fidelity"]
+    if not f["enabled"]:
+        ctx.add("03", "fidelity", "export.fidelity.enabled", WARN, "false: the export is not evaluated against the "
+                "release before anyone serves it")
+        return
+    _device(ctx, "03", "export.fidelity.device", f["device"])
+    from ..export.recover import calibration_file
+
+    datasets = str(((ctx.params.get("quantize") or {}).get("hf_ptq") or {}).get("dataset") or "").split(",")
+    local = [d for d in datasets if d.endswith(".jsonl")] or [calibration_file(ctx.run_dir)]  # step 03 alone
+    text = f["text"] or (str(heldout_path(local[0])) if local[0] else None)
+    if text is None:
+        ctx.add("03", "fidelity", "export.fidelity.text", REFUSE, "no held-out text named, and the calibration data "
+                "is no local JSONL to find one beside: set export.fidelity.text")
+    elif not Path(text).is_file():
+        ctx.add("03", "fidelity", "export.fidelity.text", REFUSE, f"{text} does not exist (`quantbook calib-data` "
+                "writes the held-out file beside the calibration file)")
+    else:
+        ctx.add("03", "fidelity", "export.fidelity.text", OK, f"{text}: {f['samples']} x {f['seq']} tokens, engine "
+                f"{f['engine']}, {f['mode']}")
 
 
 # ----------------------------------------------------------------------------- step 04

@@ -46,7 +46,7 @@ SUFFIX = "-rehearsal"
 PATH_KEYS = (("dequant", "source"), ("dequant", "destination"), ("quantize.hf_ptq", "pyt_ckpt_path"),
              ("quantize.hf_ptq", "export_path"), ("quantize.hf_ptq", "offload_folder"), ("export", "source"),
              ("export", "dir"), ("export", "reference"))
-DEVICE_KEYS = (("dequant", "device"), ("quantize.hf_ptq", "device"), ("export", "device"))
+DEVICE_KEYS = (("dequant", "device"), ("quantize.hf_ptq", "device"), ("export", "device"), ("export.fidelity", "device"))
 DATA_KEYS = (("quantize.hf_ptq", "dataset"), ("quantize.hf_ptq", "calib_size"), ("quantize.hf_ptq", "calib_seq"))
 DROPPED_KEYS = (("inspect", "compare_run_dir"), ("quantize", "hf_ptq_dir"))  # another run's amax; a checkout's path
 
@@ -303,6 +303,17 @@ def prepare(params: dict, run_dir: str | Path, calib_file: str | Path = DEFAULT_
     hf = _section(r, "quantize.hf_ptq")
     if hf is not None:
         _rehearsal_data(hf, calib_file, changes, calib_samples, HF_PTQ_DEFAULTS)
+    export = _section(r, "export")
+    if export is not None and (export.get("fidelity") or {}).get("gate", True):
+        fid = export["fidelity"] = dict(export.get("fidelity") or {})
+        changes.append({"key": "export.fidelity.gate", "from": fid.get("gate", True), "to": False,
+                        "why": "the rehearsal's tiny has random weights: the gate runs and records its numbers, "
+                               "which mean nothing there, without applying its thresholds"})
+        fid["gate"] = False
+        if fid.get("text"):
+            changes.append({"key": "export.fidelity.text", "from": fid["text"], "to": None,
+                            "why": "the held-out text beside the rehearsal's calibration file"})
+            fid["text"] = None
     make_tiny(tiny_src, like=src, seed=0, layers=layers)
     params_file = run_dir / "params.yaml"
     atomic.write_text(params_file, f"# rehearsal of {params.get('_path')} (digest {d}); written by quantbook\n"

@@ -522,6 +522,10 @@ def _run_step(pm, s: Step, values: dict, digest: str, run_dir: Path, manifest: d
     if running.exists():
         os.replace(running, out_nb)
     rec["html"] = html.name if out_nb.exists() and export_html(out_nb, html) else None
+    gate = (read_json(run_dir / "export.json") or {}).get("fidelity") if s.name.startswith("03") else None
+    if gate:  # the fidelity gate's verdict and numbers, for `quantbook runs`
+        rec["fidelity"] = {k: gate.get(k) for k in ("verdict", "ppl_ratio", "kld_mean", "same_top", "mtp_agreement",
+                                                    "worst_blocks", "why")}
     if error is None:
         rec["status"] = "complete"
         rec.pop("error", None)
@@ -604,7 +608,9 @@ def list_runs(runs_dir: str | Path = "runs") -> list[dict]:
             note = f"{k}: {e.get('ename') or e.get('type', '')}: {e.get('message', '')}".strip()[:100]
             if e.get("cell"):
                 note = f"{k} cell {e['cell']}: {e.get('ename') or e.get('type', '')}: {e.get('message', '')}"[:100]
+        gate = next((v["fidelity"] for v in steps.values() if v.get("fidelity")), None)
         out.append({"run_id": m.get("run_id", d.name), "status": status, "created": m.get("created"),
+                    "fidelity": gate,
                     "updated": m.get("updated"), "path": str(d),
                     "steps": {k: v.get("status") for k, v in sorted(steps.items())},
                     "duration_s": sum(v.get("duration_s") or 0 for v in steps.values()) or None, "note": note})
@@ -616,11 +622,20 @@ def format_runs(rows: list[dict]) -> str:
     if not rows:
         return "no runs"
     mark = {"complete": "ok", "failed": "FAILED", "running": "running", "interrupted": "interrupted"}
-    table = [("RUN", "STATUS", "STEPS", "CREATED", "STEP TIME", "NOTE")]
+    table = [("RUN", "STATUS", "STEPS", "CREATED", "STEP TIME", "FIDELITY", "NOTE")]
     for r in rows:
         steps = " ".join(f"{k.split('_')[0]}:{mark.get(v, v)}" for k, v in r["steps"].items())
         table.append((r["run_id"], r["status"], steps, (r["created"] or "")[:19].replace("T", " "),
-                      _dur(r["duration_s"]), r["note"]))
-    widths = [max(len(str(row[i])) for row in table) for i in range(5)]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row[:5], widths)) + "  " + str(row[5])
+                      _dur(r["duration_s"]), _fidelity_cell(r.get("fidelity")), r["note"]))
+    widths = [max(len(str(row[i])) for row in table) for i in range(6)]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row[:6], widths)) + "  " + str(row[6])
                      for row in table).rstrip()
+
+
+def _fidelity_cell(gate: dict | None) -> str:
+    """`PASS ppl x1.002 kld 0.0012` for a run whose step 03 ran the fidelity gate."""
+    if not gate:
+        return ""
+    if gate.get("ppl_ratio") is None:
+        return str(gate.get("verdict"))
+    return f"{gate['verdict'].upper()} ppl x{gate['ppl_ratio']:.3f} kld {gate['kld_mean']:.4f}"
