@@ -56,7 +56,10 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     exports = {"carry": carry}
-    for name, kw in (("requant", {"cast_mxfp4_to_nvfp4": False}), ("carry-mtp-nvfp4", {"mtp_experts": "nvfp4"})):
+    mtp_amax = any(k.startswith("mtp.0.") and "input_quantizer" in k for k in amax)  # the streaming driver's
+    variants = [("requant", {"cast_mxfp4_to_nvfp4": False})] + ([("carry-mtp-nvfp4", {"mtp_experts": "nvfp4"})]
+                                                                 if mtp_amax else [])
+    for name, kw in variants:
         write_serving_layout(src, amax, out / name, progress=False, **kw)
         exports[name] = out / name
     base = dict(e.get("fidelity") or {})
@@ -69,6 +72,7 @@ def main() -> None:
             ("carry, MTP released, read by vLLM", "carry", {"engine": "vllm"}),
             ("carry, MTP NVFP4, read by vLLM", "carry-mtp-nvfp4", {"engine": "vllm"}),
             ("carry, MTP NVFP4, read by SGLang", "carry-mtp-nvfp4", {"engine": "sglang"})]
+    runs = [r for r in runs if r[1] in exports]  # MTP NVFP4 needs MTP's calibrated amax (driver streaming)
     lines = ["| export, engine reading | PPL release | PPL export | ratio | KLD mean | KLD p99 | same top | "
              "Δp RMS | worst routed err | MTP agreement | gate |", "|" + "---|" * 11]
     results = {}
