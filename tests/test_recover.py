@@ -184,7 +184,8 @@ def test_cli_export_only_and_validate_only(run, tiny_src, tiny_bf16, tmp_path, c
     assert rec["layout_report"]["shards_skipped"] == 7 and rec["layout_report"]["shards_written"] == 0
     assert main(["export", str(params), "--run-dir", str(tmp_path / "nothing"), "--validate-only"]) == 1
     assert main(["export", str(params), "--run-dir", str(tmp_path / "nothing")]) == 2
-    assert "no calibrated amax" in capsys.readouterr().err
+    assert "no amax.safetensors or state/ in the run directory" in capsys.readouterr().err
+    assert not (tmp_path / "nothing" / recover.RECORD).exists()  # refused before any work: no stray record
 
 
 def test_notebook_03_in_the_chain(tiny_chain):

@@ -48,7 +48,9 @@ def test_rehearsal_of_v4_pro_b200_on_a_sparse_full_size_release(pro_rehearsal, p
     r, rd = pro_rehearsal["result"], pro_rehearsal["run_dir"]
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "running on CPU: this machine has no CUDA GPU" in r.stdout
-    assert "the real run may start: quantbook run" in r.stdout
+    # this CPU machine cannot run the real params: the rehearsal says so, with the preflight's reasons (item 6)
+    assert "the real run cannot start on this machine" in r.stdout and "may start" not in r.stdout
+    assert "quantize.hf_ptq.device: 'cuda', but no GPU is visible" in r.stdout
     m = load_manifest(rd)
     # as the real run: no step 01 (driver streaming reads the release, the verifier compares with it)
     assert m["status"] == "complete" and list(m["steps"]) == ["02_quantize", "03_recover_export", "04_inspect_amax"]

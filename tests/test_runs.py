@@ -107,6 +107,7 @@ def test_chain_records_and_skips_completed_steps(tmp_path):
     log = (rd / "run.log").read_text()
     assert "hello from 02, attempt 1" in log  # cell output streamed to the log
     assert lines[0].startswith("[1/4] 01_dequant: dequantize")
+    assert not (rd / ".lock").exists()  # only while a run works (runs/README.md)
 
     # the same run id again: everything is complete, nothing runs
     lines.clear()
@@ -153,6 +154,26 @@ def test_failure_names_notebook_and_cell_then_resume(tmp_path):
     assert m["status"] == "complete"
     assert [_ran(rd, k) for k in ("01", "02", "03")] == [1, 2, 1]
     assert "skipped" in lines[0] and "skipped" not in lines[1]
+
+
+def test_a_refusal_inside_a_step_shows_every_reason(tmp_path, capsys):
+    """Item 4: a step that refuses with several reasons (a notebook's preflight cell) printed only the first
+    line of its error; the reasons were in the manifest alone. Now the terminal and run.log get them all,
+    and `quantbook runs` keeps the run on one line."""
+    nbs, params = _chain(tmp_path)
+    _notebook(nbs / "02_quantize.ipynb", "calib_size = 4\nrun_dir = None",
+              "from quantbook.errors import RunError\nwhy = {'settings': 'first', 'data': 'second'}\n"
+              "raise RunError('preflight refused params (2 reason(s)):\\n' + '\\n'.join(\n"
+              "    f'  - step 02 {k}: {v} reason' for k, v in why.items()))")
+    runs = tmp_path / "runs"
+    with pytest.raises(StepFailed) as ei:
+        run_chain(params, runs_dir=runs, notebooks_dir=nbs, progress=False, echo=lambda s: None)
+    log = (runs / "t" / "run.log").read_text()
+    for text in (str(ei.value), log[log.index("quantbook.runs ERROR"):]):
+        assert "RunError: preflight refused params (2 reason(s)):" in text
+        assert "  - step 02 settings: first reason" in text and "  - step 02 data: second reason" in text
+    (row,) = list_runs(runs)
+    assert "\n" not in row["note"] and len(format_runs([row]).splitlines()) == 2
 
 
 def test_dead_kernel_names_the_running_cell(tmp_path):

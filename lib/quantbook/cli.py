@@ -35,8 +35,12 @@ def cmd_make_sparse(a) -> int:
 
 
 def cmd_dequant(a) -> int:
+    from .preflight import preflight, require_pass
     from .release.convert import accounting_rows, check_destination, format_table, plan, plan_summary, run
 
+    # what step 01 cannot finish (release, destination, disk, memory for the workers, device), before any work
+    require_pass(preflight({"name": f"dequant {a.src}", "dequant": dict(source=a.src, destination=a.dst,
+                            workers=a.workers, device=a.device)}, steps=["01"], run_dir=Path(a.dst)))
     p = plan(a.src, a.dst)
     check_destination(p)
     print(format_table(plan_summary(p, a.workers, a.chunk_elems)))
@@ -92,8 +96,9 @@ def cmd_run(a) -> int:
     what = "rehearsal" if a.rehearse else "run"
     print(f"{what} {m['run_id']}: {m['status']}; records in {Path(a.runs_dir) / m['run_id']}")
     if a.rehearse and m["status"] == "complete":
-        print(f"the real run may start: quantbook run {a.params}" + (f" --run-id {a.run_id}" if a.run_id else "")
-              + f" (its manifest will name this rehearsal; params digest {m['rehearsal_of']['digest']})")
+        from .records.runs import after_rehearsal
+
+        print("\n".join(after_rehearsal(a.params, m, runs_dir=a.runs_dir, run_id=a.run_id)[1]))
     return 0
 
 
@@ -124,7 +129,11 @@ def cmd_verify(a) -> int:
 
 
 def cmd_export(a) -> int:
-    return _export_from_run(a.params, a.run_dir, a.validate_only, "export")
+    from .params import load_params
+    from .records.runs import run_dir_for
+
+    run_dir = a.run_dir or run_dir_for(load_params(a.params), a.run_id, a.runs_dir)
+    return _export_from_run(a.params, run_dir, a.validate_only, "export")
 
 
 def _export_from_run(params, run_dir, validate_only_: bool, command: str) -> int:
@@ -142,11 +151,10 @@ def _export_from_run(params, run_dir, validate_only_: bool, command: str) -> int
 
 
 def cmd_quantize(a) -> int:
-    import time
-
     from .calibrate import quantize
     from .calibrate.driver import generic_export_dir
     from .params import load_params
+    from .records.runs import judge_run, refuse_finished_calibration, run_dir_for
 
     if a.export_only or a.validate_only:  # step 03 on a calibrated run: no model loaded, nothing recalibrated
         if not a.run_id:
@@ -155,8 +163,10 @@ def cmd_quantize(a) -> int:
             return 2
         return _export_from_run(a.params, Path(a.runs_dir) / a.run_id, a.validate_only, "quantize")
     params = load_params(a.params)
-    run_id = a.run_id or time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(a.runs_dir) / run_id
+    run_dir = run_dir_for(params, a.run_id, a.runs_dir)
+    refuse_finished_calibration(run_dir)
+    judge_run(params, ["02"], run_dir)  # what step 02 or the layout of step 03 cannot do, before any work
+    run_id = run_dir.name
     print(f"quantize: run {run_id} -> {run_dir} (rerun with --run-id {run_id} to resume a layerwise or streaming "
           "calibration)")
     rec = quantize(params.get("quantize") or {}, run_dir)
@@ -254,14 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="step 03: export from a run's saved amax/state (no recalibration), then verify")
     p.add_argument("params", help="params YAML (its export: section)")
-    p.add_argument("--run-dir", default=None, help="the run directory of step 02 (default runs/<params name>)")
+    p.add_argument("--run-dir", default=None, help="the run directory of step 02 (default --runs-dir/--run-id)")
+    p.add_argument("--run-id", default=None, help="the run's id (default: the params name, as quantbook run names it)")
+    p.add_argument("--runs-dir", default="runs")
     p.add_argument("--validate-only", action="store_true",
                    help="check the saved state without loading the model or writing anything")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("quantize", help="step 02: calibrate with modelopt and export (driver from params)")
     p.add_argument("params", help="params YAML (its quantize: section)")
-    p.add_argument("--run-id", default=None, help="run directory name under --runs-dir (default: a timestamp); "
-                   "the same id resumes a killed layerwise or streaming calibration")
+    p.add_argument("--run-id", default=None, help="run directory name under --runs-dir (default: the params name, "
+                   "as quantbook run names it); the same id resumes a killed layerwise or streaming calibration")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--export-only", action="store_true",
                    help="export from the run's saved amax/state (params export: section) and verify; no calibration")

@@ -99,11 +99,16 @@ def select(spec) -> list[str]:
     return [k for k in STEPS if k in chosen]
 
 
+def refusal_lines(v: Verdict) -> list[str]:
+    """One line per refusal, `  - step NN area: item: detail`: what every refusal message lists."""
+    return [f"  - step {c['step']} {c['area']}: {c['item']}: " + str(c["detail"]).strip().replace("\n", "\n      ")
+            for c in v.refusals]
+
+
 def require_pass(v: Verdict) -> None:
     """Raise RunError naming every refusal of the verdict (what the notebooks and the runner stop on)."""
     if not v.ok:
-        raise RunError(f"preflight refused {v.name} ({len(v.refusals)} reason(s)):\n  - " + "\n  - ".join(
-            f"step {c['step']} {c['area']}: {c['item']}: {c['detail']}" for c in v.refusals))
+        raise RunError(f"preflight refused {v.name} ({len(v.refusals)} reason(s)):\n" + "\n".join(refusal_lines(v)))
 
 
 def duration(seconds: float | None) -> str:
@@ -170,5 +175,5 @@ def format_verdict(v: Verdict) -> str:
                    f"in {v.seconds:.1f} s")
     else:
         out.append(f"REFUSED: {v.name}, {len(v.refusals)} reason(s) ({v.seconds:.1f} s):")
-        out += [f"  - step {c['step']} {c['area']}: {c['item']}: {c['detail']}" for c in v.refusals]
+        out += refusal_lines(v)
     return "\n".join(out)

@@ -138,6 +138,9 @@ def _release(ctx: Context) -> None:
         ctx.release = {"src": src.resolve(), "config": cfg, "plan": None, "built": True}
         ctx.add(step, "release", str(src), OK, f"built by step 01 from the tiny: section ({spec}); "
                 f"{sum(r['expected'] for r in ctx.census):,} tensors implied by its config")
+    elif not src.exists():
+        ctx.add(step, "release", who, REFUSE, f"{src} does not exist (the released FP8/FP4 checkpoint's directory)"
+                + ("" if p.get("tiny") else "; a tiny: section builds a missing source, these params have none"))
     else:
         ctx.add(step, "release", who, REFUSE, f"{src} has no config.json (not a release directory?)")
 
@@ -201,6 +204,10 @@ def _model_config(ctx: Context, ckpt: Path | None) -> tuple[dict | None, str]:
         return atomic.read_json(ckpt / "config.json"), f"{ckpt / 'config.json'}"
     rel, d = ctx.release, ctx.params.get("dequant") or {}
     if rel is not None and _same(ckpt, d.get("destination")):
+        if "01" not in ctx.steps:  # step 02 judged alone (its command, or a chain resumed after 01): it reads it now
+            ctx.add("02", "model", "quantize.hf_ptq.pyt_ckpt_path", REFUSE, f"{ckpt} does not exist yet: step 01 "
+                    "writes the BF16 copy there; run step 01 first (quantbook run PARAMS --steps 01, or quantbook dequant)")
+            return None, ""
         return bf16_config(rel["config"]), "the BF16 copy step 01 writes (its config from the release's)"
     if rel is not None and _same(ckpt, rel["src"]):
         return rel["config"], "the release itself"
@@ -329,6 +336,13 @@ def _quantize(ctx: Context) -> None:
         ctx.attempt("02", "settings", "quantize.hf_ptq", check_quantize_settings, q, cfg)
     for w in caught:
         ctx.add("02", "settings", "warning", WARN, str(w.message))
+    if "export" in ctx.params:  # what step 03 of these params can export from this calibration
+        from ..export.layout import qformat_problem
+
+        layout = (ctx.params.get("export") or {}).get("layout") or "v4-serving"
+        why = qformat_problem(layout, s)
+        if why:
+            ctx.add("02", "settings", "quantize.hf_ptq.qformat", REFUSE, why)
     if not any(c["status"] == REFUSE for c in ctx.checks[before:]):
         ctx.add("02", "settings", "quantize.hf_ptq", OK, f"driver {drv.name}, qformat {s.get('qformat')}, "
                 f"kv_cache_qformat {s.get('kv_cache_qformat')}, batch_size {s.get('batch_size')}, model from {where}")
@@ -377,6 +391,16 @@ def _export(ctx: Context) -> None:
     if not amax_ready:
         ctx.add("03", "amax", str(ctx.run_dir), REFUSE, f"no {SNAPSHOT} or state/ in the run directory: step 02 "
                 "writes them (run it first, or name the calibrated run's directory)")
+    if "02" not in ctx.steps:  # the calibration this export reads: what step 02 recorded it was made with
+        from ..calibrate.driver import RESULT
+        from ..calibrate.settings import HF_PTQ_DEFAULTS
+        from ..export.layout import qformat_problem
+
+        rec = atomic.read_json(ctx.run_dir / RESULT) or {}
+        hf = ((rec.get("params") or {}).get("hf_ptq")) if isinstance(rec.get("params"), dict) else None
+        why = qformat_problem(e["layout"], {**HF_PTQ_DEFAULTS, **hf}) if isinstance(hf, dict) else None
+        if why:
+            ctx.add("03", "amax", "qformat", REFUSE, f"{ctx.run_dir / RESULT}: calibrated with {why}")
     ref = e["reference"]
     if ref and not Path(ref).exists() and not _same(ref, planned_bf16):
         ctx.add("03", "reference", "export.reference", REFUSE, f"{ref} does not exist and no step of this run writes it "
