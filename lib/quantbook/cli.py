@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ip", default="127.0.0.1", help="address to listen on (default 127.0.0.1: reach it by ssh -L)")
     p.add_argument("--browser", action="store_true", help="also open the address in this machine's browser")
     p.set_defaults(func=cmd_lab)
-    p = sub.add_parser("verify", help="check an export: the V4 serving layout's checklist, numbers, verdict")
+    p = sub.add_parser("verify", help="check an export: the V4 serving layout's checklist, numbers, verdict; exit 0 "
+                                      "pass, 1 fail, 3 research-only (generic), 4 incomplete (a check did not run)")
     p.add_argument("export")
     p.add_argument("--source", default=None, help="the release (FP8/FP4) the export was built from: byte checks")
     p.add_argument("--reference", default=None, help="the BF16 checkpoint (step 01): numeric check of every expert")

@@ -365,7 +365,8 @@ def default_run_dir(params: dict, runs_dir: str | Path = "runs") -> Path:
 
 
 def export_only(params_path: str | Path, run_dir: str | Path | None = None, progress: bool = True) -> tuple[dict, int]:
-    """`--export-only`: step 03 from a run's saved state. (record, exit code: 0 pass, 1 fail, 3 research-only)."""
+    """`--export-only`: step 03 from a run's saved state, judged first (`runs.judge_run`). (record, exit code:
+    0 pass, 1 fail, 3 research-only, 4 incomplete)."""
     from ..params import load_params
     from .verify import exit_code
 
