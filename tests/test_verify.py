@@ -403,4 +403,6 @@ def test_gpu_logits_fake_quant_vs_rebuilt_from_export(tiny_src, tiny_bf16, tmp_p
     result = mod.run_check(tiny_bf16, tiny_src, tmp_path / "out")
     assert result["cpu_cuda_export_identical"], result
     assert result["weights_identical"], result
-    assert result["top1_agreement"] >= 0.99 and result["max_abs_diff"] <= result["tolerance"], result
+    # the README's claim as it is stated: max abs difference 0.0, top-1 agreement 1.0 (not 1e-3 x max|logit|, 0.99)
+    assert result["top1_agreement"] == 1.0 and result["max_abs_diff"] == 0.0, result
+    assert result["ok"], result
