@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import requires
 from pro_support import GIB, TIB, b200, calib_file, pro_params, write_params
 from quantbook.preflight import format_verdict, plan_rows, preflight, rates, require_pass, select
 from quantbook.errors import ParamsError, RunError
@@ -313,7 +314,7 @@ def test_census_names_what_differs(pro_release):
 def test_hub_datasets_from_modelopt_source_match_its_import():
     from quantbook.calibrate.data import modelopt_datasets
 
-    pytest.importorskip("modelopt")
+    requires.importorskip("modelopt")
     from modelopt.torch.utils.dataset_utils import DATASET_COMBOS, SUPPORTED_DATASET_CONFIG
 
     repos, combos = modelopt_datasets()

@@ -211,14 +211,30 @@ def test_digest_covers_what_the_rehearsal_keeps(flash_release, tmp_path, monkeyp
     assert rehearsal.digest(p)[0] != d0
 
 
-def test_tiny_default_is_its_own_rehearsal(tiny_chain):
+def test_tiny_default_is_its_own_rehearsal(tiny_chain, tmp_path, monkeypatch):
     """params/tiny.yaml builds a few-MiB release from its tiny: section: it runs in the minutes a
     rehearsal takes, on the same code paths, so it needs none (the README's first command and every
-    test chain run as before); its manifest says so."""
-    need, why = rehearsal.needed(load_params(REPO / "params" / "tiny.yaml"))
+    test chain run as before); its manifest says so. Whether the README's first command has built
+    work/tiny/ yet or not (its paths are relative to the working directory): item 1 of issue 17, this
+    test failed after `quantbook run params/tiny.yaml` had run in the same clone."""
+    import yaml
+
+    from quantbook.release.tiny import section_config
+
+    monkeypatch.chdir(tmp_path)  # a clone before the first command: no work/tiny/ here
+    params = load_params(REPO / "params" / "tiny.yaml")
+    need, why = rehearsal.needed(params)
     assert not need and "MiB of tensors (the tiny: section" in why and "its own rehearsal" in why
-    assert tiny_chain["manifest"]["rehearsal"] == {"needed": False, "why": tiny_chain["manifest"]["rehearsal"]["why"]}
-    assert "its own rehearsal" in tiny_chain["manifest"]["rehearsal"]["why"]
+    release = Path(params["dequant"]["source"])  # ... and after it: the release built from that section
+    release.mkdir(parents=True)
+    (release / "config.json").write_text(json.dumps(section_config(yaml.safe_load(
+        (REPO / "params" / "tiny.yaml").read_text())["tiny"])))
+    need, why = rehearsal.needed(params)
+    assert not need and f"MiB of tensors ({release / 'config.json'})" in why and "its own rehearsal" in why
+    # the chain's manifest records the rule's own answer for its params (item 19: this compared `why` with itself)
+    chain_why = rehearsal.needed(load_params(tiny_chain["params"]))[1]
+    assert tiny_chain["manifest"]["rehearsal"] == {"needed": False, "why": chain_why}
+    assert "its own rehearsal" in chain_why and str(tiny_chain["src"]) in chain_why
     assert rehearsal.needed({"name": "x", "inspect": {}}) == (False, "the params touch no model (no dequant, "
                                                                      "quantize or export section)")
     assert rehearsal.needed(load_params(REPO / "params" / "v4_pro_b200.yaml"))[0]  # no release here: sized unknown

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import QuantbookError, StepFailed
+from .params import run_dir_for
 from .release.convert import DEFAULT_CHUNK_ELEMS
 from .release.format import named_config
 
@@ -130,7 +131,6 @@ def cmd_verify(a) -> int:
 
 def cmd_export(a) -> int:
     from .params import load_params
-    from .records.runs import run_dir_for
 
     run_dir = a.run_dir or run_dir_for(load_params(a.params), a.run_id, a.runs_dir)
     return _export_from_run(a.params, run_dir, a.validate_only, "export")
@@ -139,11 +139,16 @@ def cmd_export(a) -> int:
 def _export_from_run(params, run_dir, validate_only_: bool, command: str) -> int:
     """Step 03 from a run's saved amax/state, or (validate_only_) only check that state."""
     from .export.recover import export_only, format_validation, validate_only
+    from .params import load_params
+    from .records.runs import judge_run
 
     if validate_only_:
         v, code = validate_only(params, run_dir)
         print(format_validation(v))
         return code
+    p = load_params(params)
+    run_dir = Path(run_dir) if run_dir else run_dir_for(p)
+    judge_run(p, ["03"], run_dir)  # what step 03 cannot do (no amax, a qformat the layout cannot export), before work
     rec, code = export_only(params, run_dir)
     print(rec["verify_table"])
     print(f"{rec['verdict'].upper()}: {rec['verify_summary']} (records in {rec['run_dir']})")
@@ -154,7 +159,7 @@ def cmd_quantize(a) -> int:
     from .calibrate import quantize
     from .calibrate.driver import generic_export_dir
     from .params import load_params
-    from .records.runs import judge_run, refuse_finished_calibration, run_dir_for
+    from .records.runs import judge_run, refuse_finished_calibration
 
     if a.export_only or a.validate_only:  # step 03 on a calibrated run: no model loaded, nothing recalibrated
         if not a.run_id:

@@ -359,23 +359,19 @@ def export(e: dict, run_dir: str | Path, progress: bool = True, verify_stem: str
 
 def default_run_dir(params: dict, runs_dir: str | Path = "runs") -> Path:
     """`runs/<params name>`, where `quantbook run` keeps a run of that params file (`runs.run_dir_for`)."""
-    from ..records.runs import run_dir_for
+    from ..params import run_dir_for
 
     return run_dir_for(params, None, runs_dir)
 
 
 def export_only(params_path: str | Path, run_dir: str | Path | None = None, progress: bool = True) -> tuple[dict, int]:
-    """`--export-only`: step 03 from a run's saved state, judged first (`runs.judge_run`). (record, exit code:
-    0 pass, 1 fail, 3 research-only, 4 incomplete)."""
+    """`--export-only`: step 03 from a run's saved state (the CLI judges it first: `runs.judge_run`). (record,
+    exit code: 0 pass, 1 fail, 3 research-only, 4 incomplete)."""
     from ..params import load_params
     from .verify import exit_code
 
-    from ..records.runs import judge_run
-
     params = load_params(params_path)
-    run_dir = Path(run_dir or default_run_dir(params))
-    judge_run(params, ["03"], run_dir)  # what step 03 cannot do (no amax, a qformat the layout cannot export), before work
-    rec = export(params.get("export") or {}, run_dir, progress=progress)
+    rec = export(params.get("export") or {}, run_dir or default_run_dir(params), progress=progress)
     return rec, exit_code({"verdict": rec["verdict"]})
 
 

@@ -140,7 +140,8 @@ def _release(ctx: Context) -> None:
                 f"{sum(r['expected'] for r in ctx.census):,} tensors implied by its config")
     elif not src.exists():
         ctx.add(step, "release", who, REFUSE, f"{src} does not exist (the released FP8/FP4 checkpoint's directory)"
-                + ("" if p.get("tiny") else "; a tiny: section builds a missing source, these params have none"))
+                + ("" if p.get("tiny") or not p.get("_path") else "; a tiny: section builds a missing source, "
+                   "these params have none"))
     else:
         ctx.add(step, "release", who, REFUSE, f"{src} has no config.json (not a release directory?)")
 

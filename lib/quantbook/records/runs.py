@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..atomic import read_json, write_json, write_text
 from ..errors import ParamsError, RunError, StepFailed
-from ..params import load_params
+from ..params import load_params, run_dir_for
 from . import rehearsal
 from .rehearsal import default_notebooks_dir
 
@@ -114,19 +114,6 @@ def notebook_parameters(path: Path) -> set[str]:
         return set(pm.inspect_notebook(str(path)))
     finally:
         pm_log.setLevel(level)
-
-
-RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-def run_dir_for(params: dict, run_id: str | None = None, runs_dir: str | Path = "runs") -> Path:
-    """The one rule every command names and finds a run by: `<runs_dir>/<run id>`, the run id being
-    `--run-id` or else the params file's `name` (its stem when it has none). `quantbook run`,
-    `quantize`, `export` and `preflight` all call this."""
-    run_id = run_id or params.get("name") or "run"
-    if not RUN_ID.fullmatch(run_id):
-        raise ParamsError(f"run id {run_id!r}: use letters, digits, '.', '_', '-'")
-    return Path(runs_dir) / run_id
 
 
 def params_digest(values: dict) -> str:
