@@ -161,3 +161,17 @@ def test_after_a_rehearsal_the_real_run_is_judged_on_this_machine(tmp_path, tiny
     ok, lines = after_rehearsal(params, manifest, runs_dir=tmp_path / "runs")  # this machine: no GPU
     assert not ok and "cannot start on this machine" in lines[0] and "may start" not in "\n".join(lines)
     assert any("quantize.hf_ptq.device: 'cuda', but no GPU is visible" in ln for ln in lines)
+
+
+def test_quantize_alone_refuses_before_step_01_has_written_its_input(tmp_path, capsys):
+    """Deliver 2: step 02's command run alone refuses what it cannot do yet (the BF16 copy step 01 writes is
+    not there), before a run directory is made; `quantbook preflight --steps 02` of the same plan warns."""
+    params = tiny_params(tmp_path)
+    runs = tmp_path / "runs"
+    assert main(["quantize", str(params), "--runs-dir", str(runs)]) == 2
+    err = capsys.readouterr().err
+    assert "quantize.hf_ptq.pyt_ckpt_path" in err and "does not exist yet: step 01 writes the BF16 copy" in err
+    assert not runs.exists()
+    v = preflight(load_params(params), steps=["02"], runs_dir=runs)
+    (row,) = [c for c in v.checks if c["item"] == "quantize.hf_ptq.pyt_ckpt_path"]
+    assert row["status"] == "warn" and v.ok

@@ -329,3 +329,16 @@ def test_step_selection_and_require_pass():
     v = preflight({"name": "x", "inspect": {}}, steps=["04"], run_dir="/nonexistent")
     with pytest.raises(RunError, match="step 04 amax: .*amax.safetensors: missing"):
         require_pass(v)
+
+
+def test_streaming_plan_counts_the_mtp_block(tiny_src, tmp_path):
+    """Item 10 of issue 17: the streaming driver calibrates mtp.0 after the layers, a block like any other;
+    the plan said "61 layers" and projected 61 blocks. The production params on the tiny release."""
+    p = pro_params(tmp_path, tiny_src, calib_file(tmp_path / "calib.jsonl"), driver="streaming")
+    v = preflight(p, machine=b200())
+    (row,) = [r for r in v.plan if r["step"] == "02"]
+    assert row["what"] == "calibrate (streaming, 4 layers + 1 MTP block = 5 blocks)"
+    assert row["seconds"] == pytest.approx(5 * 9.6) and "the mtp.0 block of one two-block run" in row["rate"]
+    p["quantize"]["mtp"] = "skip"
+    (row,) = [r for r in preflight(p, machine=b200()).plan if r["step"] == "02"]
+    assert row["what"] == "calibrate (streaming, 4 layers)" and row["seconds"] == pytest.approx(4 * 9.6)

@@ -62,11 +62,13 @@ class Verdict:
 
 def preflight(params: dict | str | Path, steps=None, run_dir: str | Path | None = None,
               runs_dir: str | Path | None = None, machine: Machine | None = None,
-              rates: list[dict] | None = None) -> Verdict:
+              rates: list[dict] | None = None, now: bool = False) -> Verdict:
     """Judge the steps of `params` (a params file or its dict; only the sections present count) on
     `machine` (default: this one). `steps`: step numbers to judge (default: every step whose section
     is there). `run_dir`: where the run keeps its records (default `<runs_dir>/<name>`); with
-    `runs_dir`, the rehearsals there are looked up too."""
+    `runs_dir`, the rehearsals there are looked up too. `now`: the steps are about to run (`quantbook
+    run` and the step commands): an input that no judged step writes must exist already (refused, not
+    a warning, when step 02 is judged without step 01 and the BF16 copy is not there)."""
     t0 = time.perf_counter()
     if not isinstance(params, dict):
         params = load_params(params)
@@ -74,7 +76,7 @@ def preflight(params: dict | str | Path, steps=None, run_dir: str | Path | None 
     if run_dir is None:
         run_dir = Path(runs_dir or "runs") / params.get("name", "run")
     ctx = Context(params=params, steps=chosen, run_dir=Path(run_dir), runs_dir=Path(runs_dir) if runs_dir else None,
-                  machine=machine or Machine.here(), rates=rates if rates is not None else rates_mod.load_rates())
+                  machine=machine or Machine.here(), rates=rates if rates is not None else rates_mod.load_rates(), now=now)
     run_checks(ctx)
     return Verdict(params.get("name", "params"), ctx.machine.describe(), chosen, ctx.checks, ctx.census, ctx.disk_rows(),
                    ctx.plan, round(time.perf_counter() - t0, 2))

@@ -54,6 +54,7 @@ class Context:
     outputs: list[dict] = field(default_factory=list)
     disk: list[dict] = field(default_factory=list)
     release: dict | None = None  # {"src", "config", "plan" (convert.Plan or None), "built"}
+    now: bool = False  # the steps run now (judge_run): an input no judged step writes must exist already
 
     def add(self, step: str, area: str, item: str, status: str, detail: str) -> None:
         self.checks.append({"step": step, "area": area, "item": item, "status": status, "detail": detail})
@@ -205,10 +206,12 @@ def _model_config(ctx: Context, ckpt: Path | None) -> tuple[dict | None, str]:
         return atomic.read_json(ckpt / "config.json"), f"{ckpt / 'config.json'}"
     rel, d = ctx.release, ctx.params.get("dequant") or {}
     if rel is not None and _same(ckpt, d.get("destination")):
-        if "01" not in ctx.steps:  # step 02 judged alone (its command, or a chain resumed after 01): it reads it now
-            ctx.add("02", "model", "quantize.hf_ptq.pyt_ckpt_path", REFUSE, f"{ckpt} does not exist yet: step 01 "
-                    "writes the BF16 copy there; run step 01 first (quantbook run PARAMS --steps 01, or quantbook dequant)")
-            return None, ""
+        if "01" not in ctx.steps:  # step 02 judged without step 01: the copy must be there when step 02 starts
+            ctx.add("02", "model", "quantize.hf_ptq.pyt_ckpt_path", REFUSE if ctx.now else WARN,
+                    f"{ckpt} does not exist yet: step 01 writes the BF16 copy there; step 02 cannot start before it "
+                    "(quantbook run PARAMS --steps 01, or quantbook dequant)")
+            if ctx.now:
+                return None, ""
         return bf16_config(rel["config"]), "the BF16 copy step 01 writes (its config from the release's)"
     if rel is not None and _same(ckpt, rel["src"]):
         return rel["config"], "the release itself"
@@ -367,9 +370,14 @@ def _quantize(ctx: Context) -> None:
             "amax + block checkpoint (resume)")
     ctx.output("02", what, ctx.run_dir, state + layerwise)
     rate = rates_mod.pick(ctx.rates, "calibrate", device=s.get("device"), driver=drv.name, cpus=ctx.machine.cpus)
-    ctx.plan.append({"step": "02", "what": f"calibrate ({drv.name}, {sizes['layers']} layers)"
+    # a driver that calibrates block by block also runs the MTP block(s) (streaming, mtp: calibrate): each a block
+    mtp = int(cfg.get("num_nextn_predict_layers") or 0) if not drv.loads_whole_model and q.get("mtp") == "calibrate" \
+        else 0
+    blocks = sizes["layers"] + mtp
+    what = f"{sizes['layers']} layers" + (f" + {mtp} MTP block{'s' * (mtp > 1)} = {blocks} blocks" if mtp else "")
+    ctx.plan.append({"step": "02", "what": f"calibrate ({drv.name}, {what})"
                      + (", generic export" if writes_generic_export(q) else ""), "runs": "yes",
-                     "seconds": rates_mod.seconds(rate, layers=sizes["layers"]) if rate else None,
+                     "seconds": rates_mod.seconds(rate, layers=blocks) if rate else None,
                      "rate": rates_mod.describe(rate) if rate else None})
 
 

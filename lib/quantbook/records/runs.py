@@ -514,7 +514,7 @@ def judge_run(params: dict, steps: list[str], run_dir: Path, machine=None) -> No
     manifest (its invocations); none is created."""
     from ..preflight import preflight, refusal_lines
 
-    v = preflight(params, steps=steps, run_dir=run_dir, machine=machine)
+    v = preflight(params, steps=steps, run_dir=run_dir, machine=machine, now=True)
     if v.ok:
         return
     run_dir = Path(run_dir)
