@@ -151,6 +151,24 @@ def test_ci_requires_modelopt_and_a_missing_one_fails(monkeypatch):
     assert requires.importorskip("modelopt").__name__ == "modelopt"  # installed here: imported either way
 
 
+def test_cli_version_and_help_for_every_argument(capsys):
+    """Item 9 of issue 17: `quantbook --version` was an error; dequant's SRC/DST/--workers, verify's
+    EXPORT/--workers and --runs-dir had no help; the description named an internal class."""
+    import argparse
+
+    from quantbook.cli import build_parser, main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("quantbook ")
+    ap = build_parser()
+    assert "Error" not in ap.description and "errors." not in ap.description
+    sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [f"{name} {a.dest}" for name, p in sub.choices.items() for a in p._actions
+            if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert bare == []
+
+
 def test_cli_lets_a_bug_keep_its_traceback(monkeypatch):
     from quantbook import cli
 

@@ -195,28 +195,43 @@ def cmd_calib_data(a) -> int:
     return 0
 
 
+DESCRIPTION = ("Quantize DeepSeek V4 to NVFP4 with NVIDIA Model Optimizer, step by step (01 dequant, 02 quantize, "
+               "03 export, 04 inspect) or as one chain (run), rehearsed first on a tiny copy. A refusal prints its "
+               "reason and exits 2; a traceback means a bug.")
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("quantbook")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="quantbook", description=__doc__)
+    ap = argparse.ArgumentParser(prog="quantbook", description=DESCRIPTION)
+    ap.add_argument("--version", action="version", version=f"quantbook {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-tiny", help="write a tiny checkpoint in the released V4 format")
-    p.add_argument("out")
+    p.add_argument("out", help="the directory to write the tiny release into")
     p.add_argument("--like", default="flash", help="flash, pro, or a config.json path (default: flash)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--experts", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default %(default)s)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (default %(default)s)")
+    p.add_argument("--experts", type=int, default=None, help="routed experts a layer (default: the tiny default)")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("make-sparse", help="a full-size release's exact shards and headers, data as holes (seconds)")
-    p.add_argument("out")
+    p.add_argument("out", help="the directory to write the sparse release into")
     p.add_argument("--like", default="pro", help="pro, flash, or a config.json path (default: pro)")
     p.add_argument("--bf16", action="store_true", help="the BF16 copy step 01 would write from it instead")
     p.set_defaults(func=cmd_make_sparse)
 
     p = sub.add_parser("dequant", help="FP8/FP4 release -> BF16 checkpoint (exact, resumable)")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("src", help="the released FP8/FP4 checkpoint (a directory with config.json and shards)")
+    p.add_argument("dst", help="where the BF16 checkpoint goes (new, empty, or an earlier run of the same source)")
+    p.add_argument("--workers", type=int, default=2, help="shards converted in parallel (default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--chunk-elems", type=int, default=DEFAULT_CHUNK_ELEMS,
                    help="elements per worker chunk; memory <= workers x (64 B x chunk + 48 MiB) (default %(default)s)")
@@ -227,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", default=None, help="run directory name (default: the params name); "
                    "rerunning an id skips its completed steps")
     p.add_argument("--redo", nargs="+", default=None, help="steps to run again even if complete")
-    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--runs-dir", default="runs", help="the directory of run directories (default %(default)s)")
     p.add_argument("--notebooks", default=None, help="directory of NN_name.ipynb step notebooks (default: the repo's)")
     p.add_argument("--quiet", action="store_true", help="do not stream cell output (it still goes to run.log)")
     p.add_argument("--rehearse", action="store_true",
@@ -249,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_preflight)
 
     p = sub.add_parser("runs", help="list runs and their status")
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--runs-dir", default="runs", help="the directory of run directories (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="the list as JSON")
     p.set_defaults(func=cmd_runs)
     p = sub.add_parser("lab", help="open a run's notebook 04 in JupyterLab (amax and export explorers); Ctrl-C stops")
     p.add_argument("run_dir", help="the run directory, e.g. runs/tiny")
@@ -260,19 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_lab)
     p = sub.add_parser("verify", help="check an export: the V4 serving layout's checklist, numbers, verdict; exit 0 "
                                       "pass, 1 fail, 3 research-only (generic), 4 incomplete (a check did not run)")
-    p.add_argument("export")
+    p.add_argument("export", help="the export directory (v4-serving layout, or modelopt's generic export)")
     p.add_argument("--source", default=None, help="the release (FP8/FP4) the export was built from: byte checks")
     p.add_argument("--reference", default=None, help="the BF16 checkpoint (step 01): numeric check of every expert")
     p.add_argument("--run-dir", default=None, help="where verify.json/verify.md go (default runs/verify-<export>)")
     p.add_argument("--sample", type=int, default=None, help="numeric check on N expert tensors only (default all)")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="threads for the numeric check (default %(default)s)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("export", help="step 03: export from a run's saved amax/state (no recalibration), then verify")
     p.add_argument("params", help="params YAML (its export: section)")
     p.add_argument("--run-dir", default=None, help="the run directory of step 02 (default --runs-dir/--run-id)")
     p.add_argument("--run-id", default=None, help="the run's id (default: the params name, as quantbook run names it)")
-    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--runs-dir", default="runs", help="the directory of run directories (default %(default)s)")
     p.add_argument("--validate-only", action="store_true",
                    help="check the saved state without loading the model or writing anything")
     p.set_defaults(func=cmd_export)
@@ -280,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("params", help="params YAML (its quantize: section)")
     p.add_argument("--run-id", default=None, help="run directory name under --runs-dir (default: the params name, "
                    "as quantbook run names it); the same id resumes a killed layerwise or streaming calibration")
-    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--runs-dir", default="runs", help="the directory of run directories (default %(default)s)")
     p.add_argument("--export-only", action="store_true",
                    help="export from the run's saved amax/state (params export: section) and verify; no calibration")
     p.add_argument("--validate-only", action="store_true",
