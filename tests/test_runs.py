@@ -234,6 +234,9 @@ def test_cli_run_failure_exit_code_and_runs_listing(tmp_path):
     assert f"fix it and rerun: quantbook run {params} --run-id t (completed steps are skipped)" in r.stderr
     assert "hello from 01, attempt 1" in r.stderr  # cell output streamed while it ran
     assert "02_quantize: calibrate" in r.stderr  # the progress bar's step description
+    # item 8 of issue 17: papermill's cell bookkeeping and the kernel's own log are not the user's business
+    for noise in ("Executing Cell", "Ending Cell", "Input Notebook:", "[IPKernelApp]"):
+        assert noise not in r.stderr, noise
     out = subprocess.run(QUANTBOOK + ["runs", "--runs-dir", str(tmp_path / "runs")], capture_output=True, text=True)
     assert out.returncode == 0
     assert out.stdout.splitlines()[0].split() == ["RUN", "STATUS", "STEPS", "CREATED", "STEP", "TIME", "NOTE"]
@@ -258,3 +261,34 @@ def test_real_chain_01_to_04_on_tiny_then_rerun_skips(tiny_chain):
     m2 = run_chain(params, runs_dir=tiny_chain["runs"], progress=False, echo=lines.append)
     assert m2["status"] == "complete" and all("skipped, complete since" in ln for ln in lines)
     assert {n: m2["steps"][n]["end"] for n in names} == before
+
+
+def test_chain_records_read_right(tiny_chain):
+    """Items 7 and 8 of issue 17, on the session's chain: progress bars end at 100% in the executed
+    notebooks (widget bars were saved at 0%), no path that no longer exists, no unexplained warning
+    box, no table that is a bare header, and papermill's cell bookkeeping is not in run.log."""
+    import re
+
+    rd = tiny_chain["run_dir"]
+
+    def outputs(step):
+        nb = nbformat.read(str(rd / f"{step}.ipynb"), 4)
+        return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+
+    def text(outs):
+        return "\n".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in outs)
+
+    for step, bars in (("01_dequant", ["dequant:"]), ("03_recover_export", ["v4-serving:", "verify numbers:"])):
+        outs = outputs(step)
+        assert not [o for o in outs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})], step
+        for bar in bars:
+            last = [ln for ln in text(outs).splitlines() if ln.startswith(bar)]
+            assert last and "100%" in last[-1], (step, bar, last)
+    q = text(outputs("02_quantize"))
+    assert ".partial" not in q and "Updated quant_cfg with KV cache quantization" not in q
+    assert "step 03 rebuilds the calibrated model from the state" not in q
+    assert not [o for o in outputs("02_quantize") if o.get("name") == "stderr" and "is not tested" in o.get("text", "")]
+    empty = [o for o in outputs("04_inspect_amax") if re.search(r"<tbody>\s*</tbody>", o.get("data", {}).get("text/html", ""))]
+    assert not empty, [str(o["data"].get("text/plain"))[:200] for o in empty]
+    log = (rd / "run.log").read_text()
+    assert "Executing Cell" not in log and "Ending Cell" not in log and "Input Notebook:" not in log

@@ -52,6 +52,8 @@ def test_good_export_passes_and_is_recorded(export, tiny_src, tiny_bf16, tmp_pat
     assert "**PASS**" in text and "| 7 |" in text and "drafts correctly on SGLang 0.5.23" in text
     assert not list((tmp_path / "run").glob(".*.tmp"))
     assert "all 9 checks ran" in r["summary"] and V.exit_code(r) == 0
+    # globs are escaped in the Markdown table, not rendered as italics (issue 17 item 7)
+    assert "'\\*.attn.\\*'" in text and "'*.attn.*'" not in text.split("| # |")[1]
 
 
 def test_checks_that_did_not_run_are_not_a_pass(export, tiny_src, tiny_bf16, tmp_path, capsys):

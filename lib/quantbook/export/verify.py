@@ -493,7 +493,7 @@ def check_numbers(ck: Checkpoint, cfg: dict, ref: Checkpoint | None, src: Checkp
         except Exception as e:  # noqa: BLE001 (an unreadable tensor is a finding of this check)
             return name, {"error": f"{type(e).__name__}: {e}"}
 
-    from tqdm.auto import tqdm
+    from ..progress import tqdm
 
     threads = torch.get_num_threads()
     if workers > 1:
@@ -630,7 +630,8 @@ def format_table(result: dict) -> str:
         lines += [f"Why it is {NOT_SERVABLE}:", ""] + [f"- {r}" for r in result["reasons"]] + [""]
     lines += ["| # | check | status | detail |", "|---|---|---|---|"]
     for c in result["checks"]:
-        lines.append(f"| {c['id']} | {c['check']} | {c['status']} | {c['detail'].replace('|', '/')} |")
+        detail = c["detail"].replace("|", "/").replace("*", "\\*")  # Markdown read globs like *.attn.* as italics
+        lines.append(f"| {c['id']} | {c['check']} | {c['status']} | {detail} |")
     missing = result.get("missing_expert_tensors") or {}
     if missing:
         lines += ["", f"Expert projections missing NVFP4 tensors ({len(missing)}; engines load them without an error, "

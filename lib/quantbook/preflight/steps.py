@@ -240,7 +240,9 @@ def _versions(ctx: Context, q: dict, s: dict, drv) -> None:
                 f"{TESTED_TRANSFORMERS[0]} (constraints.txt)")
     else:
         ctx.add("02", "versions", "transformers", OK if tv in TESTED_TRANSFORMERS else WARN,
-                f"{tv} has deepseek_v4" + ("" if tv in TESTED_TRANSFORMERS else
+                f"{tv} has deepseek_v4" + (" (the tested release; modelopt 0.47 declares < 5.15, whose V4 cannot run "
+                                           "a BF16 forward, and its import warning about it is not shown)"
+                                           if tv in TESTED_TRANSFORMERS else
                                            f"; calibration is tested with {', '.join(TESTED_TRANSFORMERS)}"))
     if drv.name == "hf_ptq":
         from ..calibrate.hf_ptq_driver import check_checkout, resolve_checkout

@@ -372,6 +372,15 @@ def export_html(notebook: Path, html: Path) -> Path | None:
 
 
 # -- the chain -----------------------------------------------------------------------------------
+# papermill's own bookkeeping lines, said better by the runner ("[2/4] 02_quantize: ..."): not cell output
+_PAPERMILL_NOISE = ("Executing Cell", "Ending Cell", "Input Notebook:", "Output Notebook:", "Working directory:",
+                    "Executing notebook with kernel:")
+
+
+def _quiet_papermill(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_PAPERMILL_NOISE)
+
+
 def _setup_log(run_dir: Path) -> logging.Handler:
     """Append papermill's cell output and this module's records to run_dir/run.log. The runner's
     own records go to the file only (the terminal gets `echo`); papermill's also propagate to
@@ -379,6 +388,7 @@ def _setup_log(run_dir: Path) -> logging.Handler:
     h = logging.FileHandler(run_dir / RUN_LOG)
     h.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     h.setLevel(logging.INFO)
+    logging.getLogger("papermill").addFilter(_quiet_papermill)
     for lg in (logging.getLogger("papermill"), log):
         lg.addHandler(h)
         if lg.getEffectiveLevel() > logging.INFO:
@@ -388,6 +398,7 @@ def _setup_log(run_dir: Path) -> logging.Handler:
 
 
 def _drop_log(h: logging.Handler) -> None:
+    logging.getLogger("papermill").removeFilter(_quiet_papermill)
     for lg in (logging.getLogger("papermill"), log):
         lg.removeHandler(h)
     log.propagate = True
@@ -586,13 +597,25 @@ def _run_step(pm, s: Step, values: dict, digest: str, run_dir: Path, manifest: d
     log.info("%s started: %s with %s", s.name, s.path, values)
     bar = {"desc": f"{s.name}: {s.title}", "unit": "cell", "leave": True} if progress else False
     error = None
+    from ..progress import ENV as PROGRESS_ENV
+
+    before = os.environ.get(PROGRESS_ENV)
+    os.environ[PROGRESS_ENV] = "lines"  # the kernel inherits it: text progress lines, not widgets frozen at 0%
     try:
         # no widget state saved: the HTML copy then shows an explorer's own image/png (its first view)
         # where nbconvert would otherwise emit a widget view that renders only with CDN access
+        # the kernel's own log (IPKernelApp: "running over TCP without encryption", "KeyboardInterrupt caught in
+        # kernel" at shutdown) only below CRITICAL: a kernel that dies is reported by the runner itself
         pm.execute_notebook(str(s.path), str(running), parameters=values, kernel_name=kernel,
-                            log_output=log_output, progress_bar=bar, cwd=os.getcwd(), store_widget_state=False)
+                            log_output=log_output, progress_bar=bar, cwd=os.getcwd(), store_widget_state=False,
+                            extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
     except BaseException as e:  # noqa: BLE001 - recorded, then re-raised
         error = e
+    finally:
+        if before is None:
+            os.environ.pop(PROGRESS_ENV, None)
+        else:
+            os.environ[PROGRESS_ENV] = before
     rec["end"] = _now()
     rec["duration_s"] = round(time.monotonic() - t0, 3)
     if running.exists():
