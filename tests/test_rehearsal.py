@@ -31,17 +31,23 @@ REPO = Path(__file__).resolve().parents[1]
 def pro_rehearsal(pro_release, tmp_path_factory):
     """The README's rehearsal command on params/v4_pro_b200.yaml pointed at the sparse Pro release
     (outputs under a temporary directory), through the CLI, on this machine's CPU."""
+    from types import SimpleNamespace
+
+    from conftest import shared
     from quantize_support import write_calib
 
-    base = tmp_path_factory.mktemp("rehearse")
-    params = write_params(pro_params(base, pro_release, driver="streaming"), base / "v4_pro_b200.yaml")
-    calib = write_calib(base / "calib" / "english.jsonl")
-    env = {**os.environ, "PYTHONPATH": str(REPO / "lib"), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    r = subprocess.run([sys.executable, "-m", "quantbook.cli", "run", str(params), "--rehearse", "--runs-dir",
-                        str(base / "runs"), "--calib-file", str(calib), "--quiet"],
-                       capture_output=True, text=True, env=env, timeout=1200)
-    return {"params": params, "runs": base / "runs", "calib": calib, "result": r,
-            "run_dir": base / "runs" / "v4_pro_b200-rehearsal"}
+    def build(base):
+        params = write_params(pro_params(base, pro_release, driver="streaming"), base / "v4_pro_b200.yaml")
+        calib = write_calib(base / "calib" / "english.jsonl")
+        env = {**os.environ, "PYTHONPATH": str(REPO / "lib"), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        r = subprocess.run([sys.executable, "-m", "quantbook.cli", "run", str(params), "--rehearse", "--runs-dir",
+                            str(base / "runs"), "--calib-file", str(calib), "--quiet"],
+                           capture_output=True, text=True, env=env, timeout=1200)
+        return {"params": params, "runs": base / "runs", "calib": calib, "run_dir": base / "runs" / "v4_pro_b200-rehearsal",
+                "result": {"returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr}}
+
+    v = shared(tmp_path_factory, "pro_rehearsal", build)  # once for the run, whichever xdist worker asks first
+    return {**{k: Path(v[k]) for k in ("params", "runs", "calib", "run_dir")}, "result": SimpleNamespace(**v["result"])}
 
 
 def test_rehearsal_of_v4_pro_b200_on_a_sparse_full_size_release(pro_rehearsal, pro_release):

@@ -505,9 +505,15 @@ def _inspect(ctx: Context) -> None:
 
 
 def _overlaps(ctx: Context) -> None:
-    """No output directory is the release or inside or around it, nor another output's."""
-    dirs = [(o["output"], Path(o["path"])) for o in ctx.outputs if o["output"] != "calibrated state"
-            and not o["output"].startswith("calibrated state")]
+    """No output directory is the release or inside or around it, nor another output's. The run
+    directory itself is not one of them (any driver's: "calibrated state", "amax + block checkpoint"):
+    step 02 writes files into it, never replaces it whole, and a rehearsal keeps its tiny release and
+    outputs inside its own run directory."""
+    dirs = [(o["output"], Path(o["path"])) for o in ctx.outputs if not _same(o["path"], ctx.run_dir)]
+    src = ctx.release["src"] if ctx.release is not None else None
+    if src is not None and any(_same(o["path"], ctx.run_dir) for o in ctx.outputs) and \
+            (_same(ctx.run_dir, src) or Path(src).resolve() in Path(ctx.run_dir).resolve().parents):
+        ctx.add("run", "destination", "run directory", REFUSE, f"{ctx.run_dir} is the release {src} or inside it")
     if ctx.release is not None:
         for what, d in dirs:
             if _nested(d, ctx.release["src"]):
