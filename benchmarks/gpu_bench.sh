@@ -26,6 +26,8 @@ mkdir -p "$log" "$scratch"
 for spec in "$@"; do
   p=${spec%%:*}; secs=300; [ "$p" != "$spec" ] && secs=${spec#*:}
   run=(timeout -s KILL "$secs" python3)
+  # what an earlier run of a part left, cleared before the part's own set-up below (which may create $scratch/$p)
+  rm -rf "$scratch/$p" "$scratch/sm" "$scratch/st" "$scratch/ss"
   case $p in
     small)
       cmd=(benchmarks/streaming_bench.py --out "$scratch/small" --dir "$scratch/sm" --layers 2 --experts 8
@@ -50,7 +52,6 @@ for spec in "$@"; do
     *) echo "unknown part $p" >> "$log/progress.txt"; continue ;;
   esac
   echo "=== $(date +%T) $p (${secs} s at most): ${cmd[*]}" >> "$log/progress.txt"
-  rm -rf "$scratch/$p" "$scratch/sm" "$scratch/st" "$scratch/ss"  # what an earlier run of a part left
   "${run[@]}" "${cmd[@]}" > "$log/$p.log" 2>&1
   rc=$?
   echo "=== $(date +%T) $p exit $rc" >> "$log/progress.txt"

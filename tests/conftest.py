@@ -1,6 +1,12 @@
 """Shared fixtures: tiny V4 checkpoints in the released format, and one real chain run on them,
-each built once per test session and read (never changed) by the tests that use them."""
+each built once per test run and read (never changed) by the tests that use them.
 
+The suite runs on pytest-xdist workers (`-n 2`, pyproject). A session fixture is per worker there, so
+the expensive ones are built once for the whole run by whichever worker asks first, under a file lock,
+into the run's shared temporary directory (`shared`); the other workers wait and read the result.
+"""
+
+import json
 import os
 import shutil
 from pathlib import Path
@@ -14,12 +20,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def shared(tmp_path_factory, name: str, build):
+    """`build(directory)` run once for the whole test run, whatever the number of xdist workers; its
+    result (JSON: paths as strings) returned to every caller. A failed build leaves nothing: the
+    next caller tries again (and fails with its own traceback)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # <basetemp>/popen-gwN: the parent is the run's, shared by its workers
+    d, done = root / f"shared-{name}", root / f"shared-{name}.json"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if done.is_file():
+            return json.loads(done.read_text())
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+        value = json.loads(json.dumps(build(d), default=str))
+        done.write_text(json.dumps(value))
+        return value
+
+
 @pytest.fixture(scope="session")
 def tiny_src(tmp_path_factory):
     """A 4-layer tiny V4 (Flash-shaped config) in the released FP8/FP4 format. Read-only."""
     from quantbook.release.tiny import make_tiny
 
-    return make_tiny(tmp_path_factory.mktemp("tiny") / "DeepSeek-V4-tiny-FP8", seed=0)
+    return Path(shared(tmp_path_factory, "tiny", lambda d: make_tiny(d / "DeepSeek-V4-tiny-FP8", seed=0)))
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +56,7 @@ def pro_release(tmp_path_factory):
     from quantbook.release.format import PRO_CONFIG
     from quantbook.release.sparse import write_sparse_release
 
-    return write_sparse_release(PRO_CONFIG, tmp_path_factory.mktemp("sparse") / "DeepSeek-V4-Pro-FP8")
+    return Path(shared(tmp_path_factory, "sparse", lambda d: write_sparse_release(PRO_CONFIG, d / "DeepSeek-V4-Pro-FP8")))
 
 
 @pytest.fixture(scope="session")
@@ -37,9 +64,11 @@ def tiny_bf16(tiny_src, tmp_path_factory):
     """`tiny_src` dequantized to BF16 by step 01. Read-only."""
     from quantbook.release.convert import dequantize
 
-    dst = tmp_path_factory.mktemp("tiny_bf16") / "DeepSeek-V4-tiny-BF16"
-    dequantize(tiny_src, dst, workers=2, progress=False)
-    return dst
+    def build(d):
+        dequantize(tiny_src, d / "DeepSeek-V4-tiny-BF16", workers=2, progress=False)
+        return d / "DeepSeek-V4-tiny-BF16"
+
+    return Path(shared(tmp_path_factory, "tiny_bf16", build))
 
 
 @pytest.fixture(scope="session")
@@ -53,8 +82,6 @@ def tiny_chain(tmp_path_factory):
 
     Returns the paths: params, runs, run_dir, src, bf16, generic (step 02's modelopt export),
     export (step 03's v4-serving layout), calib, and the chain's manifest and quantize record."""
-    import json
-
     import yaml
 
     from quantbook.params import load_params
@@ -62,27 +89,31 @@ def tiny_chain(tmp_path_factory):
     from quantbook.release.tiny import build_if_missing
     from quantize_support import write_calib
 
-    base = tmp_path_factory.mktemp("chain")
-    text = (REPO / "params" / "tiny.yaml").read_text()
-    assert "work/tiny/" in text and "work/calib/english.jsonl" in text
-    raw = yaml.safe_load(text.replace("work/tiny/", f"{base}/tiny/").replace("work/calib/", f"{base}/calib/"))
-    raw["quantize"]["export_generic"] = True  # the tests compare modelopt's generic export with step 03's
-    src = Path(raw["dequant"]["source"])
-    src.parent.mkdir(parents=True)
-    assert raw["tiny"].get("trained"), "the embedded default is the trained tiny"
-    build_if_missing(src, raw["tiny"])
-    params = base / "tiny.yaml"
-    params.write_text(yaml.safe_dump(raw, sort_keys=False))
-    calib = write_calib(base / "calib" / "english.jsonl")
-    runs = base / "runs"
-    manifest = run_chain(params, runs_dir=runs, progress=False, echo=lambda s: None)
-    assert manifest["status"] == "complete", {k: v.get("error") for k, v in manifest["steps"].items()}
-    p = load_params(params)
-    run_dir = runs / p["name"]
-    return {"params": params, "runs": runs, "run_dir": run_dir, "src": src, "bf16": Path(p["dequant"]["destination"]),
-            "generic": Path(p["quantize"]["hf_ptq"]["export_path"]), "export": Path(p["export"]["dir"]),
-            "calib": calib, "q": p["quantize"], "manifest": manifest,
-            "record": json.loads((run_dir / "quantize.json").read_text())}
+    def build(base):
+        text = (REPO / "params" / "tiny.yaml").read_text()
+        assert "work/tiny/" in text and "work/calib/english.jsonl" in text
+        raw = yaml.safe_load(text.replace("work/tiny/", f"{base}/tiny/").replace("work/calib/", f"{base}/calib/"))
+        raw["quantize"]["export_generic"] = True  # the tests compare modelopt's generic export with step 03's
+        src = Path(raw["dequant"]["source"])
+        src.parent.mkdir(parents=True)
+        assert raw["tiny"].get("trained"), "the embedded default is the trained tiny"
+        build_if_missing(src, raw["tiny"])
+        params = base / "tiny.yaml"
+        params.write_text(yaml.safe_dump(raw, sort_keys=False))
+        calib = write_calib(base / "calib" / "english.jsonl")
+        runs = base / "runs"
+        manifest = run_chain(params, runs_dir=runs, progress=False, echo=lambda s: None)
+        assert manifest["status"] == "complete", {k: v.get("error") for k, v in manifest["steps"].items()}
+        p = load_params(params)
+        run_dir = runs / p["name"]
+        return {"params": params, "runs": runs, "run_dir": run_dir, "src": src, "bf16": p["dequant"]["destination"],
+                "generic": p["quantize"]["hf_ptq"]["export_path"], "export": p["export"]["dir"],
+                "calib": calib, "q": p["quantize"], "manifest": manifest,
+                "record": json.loads((run_dir / "quantize.json").read_text())}
+
+    value = shared(tmp_path_factory, "chain", build)
+    paths = ("params", "runs", "run_dir", "src", "bf16", "generic", "export", "calib")
+    return {k: Path(v) if k in paths else v for k, v in value.items()}
 
 
 @pytest.fixture(scope="session")
@@ -91,9 +122,9 @@ def pro_snapshot(tmp_path_factory):
     modelopt's names) with token counts, one expert never routed (layer 1, expert 100)."""
     from amax_synth import make_snapshot
 
-    d = tmp_path_factory.mktemp("pro") / "a"
-    facts = make_snapshot(d, like="pro", seed=7, inject={"never_routed": [(1, 100)]})
-    return d, facts
+    value = shared(tmp_path_factory, "pro_snapshot",
+                   lambda d: [d / "a", make_snapshot(d / "a", like="pro", seed=7, inject={"never_routed": [(1, 100)]})])
+    return Path(value[0]), value[1]
 
 
 @pytest.fixture(scope="session")
@@ -104,12 +135,15 @@ def tiny_nvfp4(tiny_chain, tmp_path_factory):
 
     from quantbook.calibrate import quantize
 
-    base = tmp_path_factory.mktemp("nvfp4")
-    export = base / "export"
-    shutil.copytree(tiny_chain["generic"], export)
-    marker = export / "stale-file-from-the-first-run"
-    marker.write_text("x")
-    q = copy.deepcopy(tiny_chain["q"])
-    q["hf_ptq"].update(qformat="nvfp4", export_path=str(export))
-    rec = quantize(q, base / "run", progress=False)
-    return {"export": export, "marker": marker, "record": rec, "run_dir": base / "run"}
+    def build(base):
+        export = base / "export"
+        shutil.copytree(tiny_chain["generic"], export)
+        marker = export / "stale-file-from-the-first-run"
+        marker.write_text("x")
+        q = copy.deepcopy(tiny_chain["q"])
+        q["hf_ptq"].update(qformat="nvfp4", export_path=str(export))
+        rec = quantize(q, base / "run", progress=False)
+        return {"export": export, "marker": marker, "record": rec, "run_dir": base / "run"}
+
+    value = shared(tmp_path_factory, "nvfp4", build)
+    return {k: v if k == "record" else Path(v) for k, v in value.items()}

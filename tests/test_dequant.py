@@ -31,10 +31,21 @@ def test_all_e4m3_codes_times_every_e8m0_scale(route):
 
 
 def test_nan_codes_are_nan_and_counted():
-    w = np.array([[0x7F, 0xFF, 0x00, 0x80]], dtype=np.uint8)
-    out = dequant_fp8(torch.from_numpy(w), torch.tensor([[127]], dtype=torch.uint8))
+    from quantbook.release.convert import FP8_WEIGHT, _nonfinite
+
+    w = torch.from_numpy(np.array([[0x7F, 0xFF, 0x00, 0x80]], dtype=np.uint8))
+    s = torch.tensor([[127]], dtype=torch.uint8)
+    out = dequant_fp8(w, s)
     assert torch.isnan(out).tolist() == [[True, True, False, False]]
     assert _bits(out)[0, 3] == 0x8000  # E4M3 -0 stays -0
+    # counted (item 19: the test's name said so, it asserted no count): the two NaN codes, by the input scan
+    assert _nonfinite(FP8_WEIGHT, w, s, out) == 2
+    # a scale of 2^123 overflows BF16 from E4M3 448 up: counted on the output itself (inf), NaN codes too
+    big = torch.tensor([[250]], dtype=torch.uint8)
+    w2 = torch.from_numpy(np.array([[0x7E, 0x7F, 0x77, 0x38]], dtype=np.uint8))  # 448, NaN, 240, 1.0
+    out2 = dequant_fp8(w2, big)
+    assert (~torch.isfinite(out2)).tolist() == [[True, True, True, False]]
+    assert _nonfinite(FP8_WEIGHT, w2, big, out2) == 3  # the input scan alone would have said 1
 
 
 @pytest.mark.parametrize("route", sorted(FP4_ROUTES))

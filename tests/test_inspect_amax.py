@@ -162,9 +162,15 @@ def test_notebook_04_pieces(injected, tmp_path):
     assert ia.plot_w13_ratios(ia.w13_ratios(run)[0], 2.0) is None  # fused w1/w3: nothing to plot
 
 
-def test_figures_and_explorer(injected):
+def test_figures_and_explorer(injected, tmp_path):
     import matplotlib.pyplot as plt
 
+    make_snapshot(tmp_path / "four", like="pro", layers=4, experts=8, seed=1)  # the tiny chain's 4 layers
+    fig = ia.plot_layer_profile(ia.load_run(tmp_path / "four"))
+    for ax in fig.axes:  # whole-number layer ticks only (issue 17 item 7: 0.5-layer ticks on 4 layers)
+        fig.canvas.draw()
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
     run = ia.load_run(injected)
     fig = ia.plot_histograms(run)
     titles = [ax.get_title() for ax in fig.axes]

@@ -177,12 +177,20 @@ def test_plot_memory_panels_axis_and_torn_line(tmp_path, no_gpu):
     assert len(fig.axes) == 2
     titles = [a.get_title(loc="left") for a in fig.axes]
     assert titles[0].startswith("01_dequant") and titles[1].startswith("02_quantize")
-    labels = {t.get_text().strip() for t in fig.axes[0].texts}
-    assert labels == {"a", "b"}
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert labels[:2] == ["1", "2"] and labels[2].startswith("phases: 1 a ") and " · 2 b " in labels[2]
     assert fig.axes[0].get_legend().get_texts()[0].get_text() == "host RSS"
+    # item 7 of issue 17: the phase labels were 7-point, rotated and clipped; now level, 8 points, inside the figure
+    fig.canvas.draw()
+    box = fig.bbox
+    for a in fig.axes:
+        for t in a.texts:
+            e = t.get_window_extent()
+            assert t.get_rotation() == 0 and t.get_fontsize() >= 8
+            assert box.x0 <= e.x0 and e.x1 <= box.x1 and box.y0 <= e.y0 and e.y1 <= box.y1, t.get_text()
     fig2, ax = plt.subplots()
     assert plot_memory(tmp_path / "memory.csv", ax=ax, step="02_quantize") is ax
-    assert len(ax.lines) == 1 and {t.get_text().strip() for t in ax.texts} == {"a", "b"}
+    assert len(ax.lines) == 1 and [t.get_text() for t in ax.texts][:2] == ["1", "2"]
     assert plot_memory(tmp_path, step="03_export") is None
     plt.close("all")
 

@@ -6,9 +6,10 @@ import warnings
 
 import pytest
 
+import requires
 from quantize_support import tiny_q, write_calib
 
-pytest.importorskip("modelopt")
+requires.importorskip("modelopt")  # a failure, not a skip, under QUANTBOOK_REQUIRE_MODELOPT=1 (CI)
 
 STARVED = "model.layers.1.mlp.experts.down_proj_input_quantizer"  # sees no calibration data at all
 INJECT = {  # quantizer -> (value written into its _amax after calibration, expected problem)
@@ -87,15 +88,23 @@ def raw(tiny_bf16, tmp_path_factory):
         starved.load_calib_amax = lambda *a, **k: (calls.append(a), original(*a, **k))[1]
         inner(m)
 
-    model = mtq.quantize(model, hf_model.build_quant_cfg(s), forward_loop=loop)
+    moved = []  # every quantizer the patched load_calib_amax handed to move_amax_to_cpu (patch 1)
+    spy = patches.move_amax_to_cpu
+    patches.move_amax_to_cpu = lambda quantizer: (moved.append(quantizer), spy(quantizer))[1]
+    try:
+        model = mtq.quantize(model, hf_model.build_quant_cfg(s), forward_loop=loop)
+    finally:
+        patches.move_amax_to_cpu = spy
     starved = model.get_submodule(STARVED)
     assert starved.is_enabled and "_amax" not in starved._buffers and calls == []  # never loaded
     del starved._calibrator.collect, starved.load_calib_amax  # the test's instrumentation, not state
     amax = {n: qq._buffers["_amax"] for n, qq in state.iter_quantizers(model) if "_amax" in qq._buffers}
     assert {t.device.type for t in amax.values()} == {"cpu"}
+    seen = {id(m) for m in moved}
+    calibrated = {n for n, qq in state.iter_quantizers(model) if "_amax" in qq._buffers and id(qq) in seen}
     state.save_cheap_state(model, base / "raw-state", q=q, model_path=s["pyt_ckpt_path"])
     clean = {n: float(t) for n, t in amax.items() if n.endswith("input_quantizer")}
-    return q, s, base / "raw-state", clean
+    return q, s, base / "raw-state", clean, {"with_amax": set(amax), "moved": calibrated}
 
 
 def _restore_injected(s, raw_state):
@@ -132,7 +141,7 @@ def test_hook_repairs_every_bad_amax_and_lists_it(raw, tmp_path):
     from quantbook import amax
     from quantbook.calibrate import hf_model, patches, state
 
-    q, s, raw_state, clean = raw
+    q, s, raw_state, clean, _ = raw
     ledger = patches.Ledger()
     model, tok, side, pad = _restore_injected(s, raw_state)
     rec = state.post_calibration(model, tmp_path / "run", q, ledger, model_path=s["pyt_ckpt_path"], progress=False)
@@ -173,7 +182,7 @@ def test_export_guard_without_repair(raw, tmp_path):
 
     from quantbook.calibrate import hf_model, patches
 
-    q, s, raw_state, clean = raw
+    q, s, raw_state, clean, _ = raw
     model, tok, side, pad = _restore_injected(s, raw_state)
     ledger = patches.Ledger()  # names only, no fallback set: modelopt's maxbound, recorded as such
     ledger.attach(model)
@@ -197,6 +206,44 @@ def test_export_guard_without_repair(raw, tmp_path):
         for k in _keys(name):
             assert scales[k].equal(torch.tensor(6.0) / (6.0 * 448.0)), k
     assert not any(k in scales for k in _keys(STARVED))  # modelopt writes no input_scale: silently
+
+
+def test_patch_1_moves_every_calibrated_amax_to_cpu_as_it_is_written(raw):
+    """Item 15, on CPU where it can fail: the predecessor's run 2 died exporting amax left on a GPU. Every
+    quantizer that got an amax in a real calibration went through the patched load_calib_amax into
+    move_amax_to_cpu (the spy in the fixture), and that function moves a tensor off any device but
+    the CPU (a stand-in for a CUDA tensor: this machine has none). The CUDA run itself is
+    test_cuda_calibration_leaves_amax_on_cpu."""
+    import torch
+
+    from quantbook.calibrate import patches
+
+    *_, seen = raw
+    assert seen["with_amax"] and seen["moved"] == seen["with_amax"]
+
+    class OnGpu:  # what move_amax_to_cpu reads of a tensor: device, is_meta, detach().to()
+        is_meta = False
+        device = torch.device("cuda", 0)
+
+        def __init__(self, value):
+            self.value = value
+
+        def detach(self):
+            return self
+
+        def to(self, device):
+            return self.value.to(device)
+
+    class Quantizer:
+        def __init__(self):
+            self._buffers = {"_amax": OnGpu(torch.tensor(3.0)), "_global_amax": OnGpu(torch.tensor([2.0])),
+                             "_pre_quant_scale": None}
+
+    qq = Quantizer()
+    patches.move_amax_to_cpu(qq)
+    assert isinstance(qq._buffers["_amax"], torch.Tensor) and qq._buffers["_amax"].device.type == "cpu"
+    assert float(qq._buffers["_amax"]) == 3.0 and qq._buffers["_global_amax"].device.type == "cpu"
+    assert qq._buffers["_pre_quant_scale"] is None
 
 
 def _cuda() -> bool:

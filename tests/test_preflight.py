@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import requires
 from pro_support import GIB, TIB, b200, calib_file, pro_params, write_params
 from quantbook.preflight import format_verdict, plan_rows, preflight, rates, require_pass, select
 from quantbook.errors import ParamsError, RunError
@@ -313,7 +314,7 @@ def test_census_names_what_differs(pro_release):
 def test_hub_datasets_from_modelopt_source_match_its_import():
     from quantbook.calibrate.data import modelopt_datasets
 
-    pytest.importorskip("modelopt")
+    requires.importorskip("modelopt")
     from modelopt.torch.utils.dataset_utils import DATASET_COMBOS, SUPPORTED_DATASET_CONFIG
 
     repos, combos = modelopt_datasets()
@@ -328,3 +329,16 @@ def test_step_selection_and_require_pass():
     v = preflight({"name": "x", "inspect": {}}, steps=["04"], run_dir="/nonexistent")
     with pytest.raises(RunError, match="step 04 amax: .*amax.safetensors: missing"):
         require_pass(v)
+
+
+def test_streaming_plan_counts_the_mtp_block(tiny_src, tmp_path):
+    """Item 10 of issue 17: the streaming driver calibrates mtp.0 after the layers, a block like any other;
+    the plan said "61 layers" and projected 61 blocks. The production params on the tiny release."""
+    p = pro_params(tmp_path, tiny_src, calib_file(tmp_path / "calib.jsonl"), driver="streaming")
+    v = preflight(p, machine=b200())
+    (row,) = [r for r in v.plan if r["step"] == "02"]
+    assert row["what"] == "calibrate (streaming, 4 layers + 1 MTP block = 5 blocks)"
+    assert row["seconds"] == pytest.approx(5 * 9.6) and "the mtp.0 block of one two-block run" in row["rate"]
+    p["quantize"]["mtp"] = "skip"
+    (row,) = [r for r in preflight(p, machine=b200()).plan if r["step"] == "02"]
+    assert row["what"] == "calibrate (streaming, 4 layers)" and row["seconds"] == pytest.approx(4 * 9.6)

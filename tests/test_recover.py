@@ -71,10 +71,13 @@ def test_generic_recovery_is_bit_identical_to_the_direct_export(run, tiny_chain,
 
 
 def test_v4_serving_gives_the_same_bytes_from_every_saved_form(run, tiny_src, tiny_bf16, tmp_path):
-    """Snapshot, cheap state, full state, a restored model's amax and the live model's amax: one export."""
+    """Snapshot, cheap state, full state, a restored model's amax and the live model's amax: one export.
+    Re-quantizing (cast_mxfp4_to_nvfp4 false), where every expert's bytes depend on its weight amax as
+    well as its input amax: carrying, the default, keeps the released weights whatever the weight amax
+    say, so a saved form that lost or changed them would still match (item 19 of issue 17)."""
     from quantbook.calibrate import hf_model
 
-    e = {"layout": "v4-serving", "source": str(tiny_src), "reference": str(tiny_bf16)}
+    e = {"layout": "v4-serving", "source": str(tiny_src), "reference": str(tiny_bf16), "cast_mxfp4_to_nvfp4": False}
     outs = {}
     rec = recover.export({**e, "dir": str(tmp_path / "snapshot")}, run["dir"], progress=False)
     assert rec["verdict"] == "pass", rec["verify_summary"]
@@ -94,14 +97,20 @@ def test_v4_serving_gives_the_same_bytes_from_every_saved_form(run, tiny_src, ti
     outs["full"] = tmp_path / "full"
 
     model, _, _ = hf_model.restore(run["dir"])
-    write_serving_layout(tiny_src, model_snapshot(model), tmp_path / "restored", progress=False)
+    write_serving_layout(tiny_src, model_snapshot(model), tmp_path / "restored", cast_mxfp4_to_nvfp4=False,
+                         progress=False)
     outs["restored"] = tmp_path / "restored"
-    write_serving_layout(tiny_src, run["live"], tmp_path / "live", progress=False)
+    write_serving_layout(tiny_src, run["live"], tmp_path / "live", cast_mxfp4_to_nvfp4=False, progress=False)
     outs["live"] = tmp_path / "live"
 
     want = files(outs["live"], exclude=(LAYOUT_MANIFEST,))
     for name, d in outs.items():
         assert files(d, exclude=(LAYOUT_MANIFEST,)) == want, name
+    # the comparison sees weight amax: one of them halved gives other bytes
+    key = next(k for k in sorted(run["live"]) if "experts" in k and "weight_quantizer" in k and k.endswith("._amax"))
+    changed = {**run["live"], key: run["live"][key] / 2}
+    write_serving_layout(tiny_src, changed, tmp_path / "changed", cast_mxfp4_to_nvfp4=False, progress=False)
+    assert files(tmp_path / "changed", exclude=(LAYOUT_MANIFEST,)) != want
 
 
 def test_validate_only_checks_the_state_without_a_model(run, tiny_src, tiny_bf16, tmp_path):
@@ -184,7 +193,8 @@ def test_cli_export_only_and_validate_only(run, tiny_src, tiny_bf16, tmp_path, c
     assert rec["layout_report"]["shards_skipped"] == 7 and rec["layout_report"]["shards_written"] == 0
     assert main(["export", str(params), "--run-dir", str(tmp_path / "nothing"), "--validate-only"]) == 1
     assert main(["export", str(params), "--run-dir", str(tmp_path / "nothing")]) == 2
-    assert "no calibrated amax" in capsys.readouterr().err
+    assert "no amax.safetensors or state/ in the run directory" in capsys.readouterr().err
+    assert not (tmp_path / "nothing" / recover.RECORD).exists()  # refused before any work: no stray record
 
 
 def test_notebook_03_in_the_chain(tiny_chain):

@@ -31,24 +31,32 @@ REPO = Path(__file__).resolve().parents[1]
 def pro_rehearsal(pro_release, tmp_path_factory):
     """The README's rehearsal command on params/v4_pro_b200.yaml pointed at the sparse Pro release
     (outputs under a temporary directory), through the CLI, on this machine's CPU."""
+    from types import SimpleNamespace
+
+    from conftest import shared
     from quantize_support import write_calib
 
-    base = tmp_path_factory.mktemp("rehearse")
-    params = write_params(pro_params(base, pro_release, driver="streaming"), base / "v4_pro_b200.yaml")
-    calib = write_calib(base / "calib" / "english.jsonl")
-    env = {**os.environ, "PYTHONPATH": str(REPO / "lib"), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    r = subprocess.run([sys.executable, "-m", "quantbook.cli", "run", str(params), "--rehearse", "--runs-dir",
-                        str(base / "runs"), "--calib-file", str(calib), "--quiet"],
-                       capture_output=True, text=True, env=env, timeout=1200)
-    return {"params": params, "runs": base / "runs", "calib": calib, "result": r,
-            "run_dir": base / "runs" / "v4_pro_b200-rehearsal"}
+    def build(base):
+        params = write_params(pro_params(base, pro_release, driver="streaming"), base / "v4_pro_b200.yaml")
+        calib = write_calib(base / "calib" / "english.jsonl")
+        env = {**os.environ, "PYTHONPATH": str(REPO / "lib"), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        r = subprocess.run([sys.executable, "-m", "quantbook.cli", "run", str(params), "--rehearse", "--runs-dir",
+                            str(base / "runs"), "--calib-file", str(calib), "--quiet"],
+                           capture_output=True, text=True, env=env, timeout=1200)
+        return {"params": params, "runs": base / "runs", "calib": calib, "run_dir": base / "runs" / "v4_pro_b200-rehearsal",
+                "result": {"returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr}}
+
+    v = shared(tmp_path_factory, "pro_rehearsal", build)  # once for the run, whichever xdist worker asks first
+    return {**{k: Path(v[k]) for k in ("params", "runs", "calib", "run_dir")}, "result": SimpleNamespace(**v["result"])}
 
 
 def test_rehearsal_of_v4_pro_b200_on_a_sparse_full_size_release(pro_rehearsal, pro_release):
     r, rd = pro_rehearsal["result"], pro_rehearsal["run_dir"]
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "running on CPU: this machine has no CUDA GPU" in r.stdout
-    assert "the real run may start: quantbook run" in r.stdout
+    # this CPU machine cannot run the real params: the rehearsal says so, with the preflight's reasons (item 6)
+    assert "the real run cannot start on this machine" in r.stdout and "may start" not in r.stdout
+    assert "quantize.hf_ptq.device: 'cuda', but no GPU is visible" in r.stdout
     m = load_manifest(rd)
     # as the real run: no step 01 (driver streaming reads the release, the verifier compares with it)
     assert m["status"] == "complete" and list(m["steps"]) == ["02_quantize", "03_recover_export", "04_inspect_amax"]
@@ -209,14 +217,30 @@ def test_digest_covers_what_the_rehearsal_keeps(flash_release, tmp_path, monkeyp
     assert rehearsal.digest(p)[0] != d0
 
 
-def test_tiny_default_is_its_own_rehearsal(tiny_chain):
+def test_tiny_default_is_its_own_rehearsal(tiny_chain, tmp_path, monkeypatch):
     """params/tiny.yaml builds a few-MiB release from its tiny: section: it runs in the minutes a
     rehearsal takes, on the same code paths, so it needs none (the README's first command and every
-    test chain run as before); its manifest says so."""
-    need, why = rehearsal.needed(load_params(REPO / "params" / "tiny.yaml"))
+    test chain run as before); its manifest says so. Whether the README's first command has built
+    work/tiny/ yet or not (its paths are relative to the working directory): item 1 of issue 17, this
+    test failed after `quantbook run params/tiny.yaml` had run in the same clone."""
+    import yaml
+
+    from quantbook.release.tiny import section_config
+
+    monkeypatch.chdir(tmp_path)  # a clone before the first command: no work/tiny/ here
+    params = load_params(REPO / "params" / "tiny.yaml")
+    need, why = rehearsal.needed(params)
     assert not need and "MiB of tensors (the tiny: section" in why and "its own rehearsal" in why
-    assert tiny_chain["manifest"]["rehearsal"] == {"needed": False, "why": tiny_chain["manifest"]["rehearsal"]["why"]}
-    assert "its own rehearsal" in tiny_chain["manifest"]["rehearsal"]["why"]
+    release = Path(params["dequant"]["source"])  # ... and after it: the release built from that section
+    release.mkdir(parents=True)
+    (release / "config.json").write_text(json.dumps(section_config(yaml.safe_load(
+        (REPO / "params" / "tiny.yaml").read_text())["tiny"])))
+    need, why = rehearsal.needed(params)
+    assert not need and f"MiB of tensors ({release / 'config.json'})" in why and "its own rehearsal" in why
+    # the chain's manifest records the rule's own answer for its params (item 19: this compared `why` with itself)
+    chain_why = rehearsal.needed(load_params(tiny_chain["params"]))[1]
+    assert tiny_chain["manifest"]["rehearsal"] == {"needed": False, "why": chain_why}
+    assert "its own rehearsal" in chain_why and str(tiny_chain["src"]) in chain_why
     assert rehearsal.needed({"name": "x", "inspect": {}}) == (False, "the params touch no model (no dequant, "
                                                                      "quantize or export section)")
     assert rehearsal.needed(load_params(REPO / "params" / "v4_pro_b200.yaml"))[0]  # no release here: sized unknown

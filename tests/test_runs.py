@@ -107,6 +107,7 @@ def test_chain_records_and_skips_completed_steps(tmp_path):
     log = (rd / "run.log").read_text()
     assert "hello from 02, attempt 1" in log  # cell output streamed to the log
     assert lines[0].startswith("[1/4] 01_dequant: dequantize")
+    assert not (rd / ".lock").exists()  # only while a run works (runs/README.md)
 
     # the same run id again: everything is complete, nothing runs
     lines.clear()
@@ -153,6 +154,26 @@ def test_failure_names_notebook_and_cell_then_resume(tmp_path):
     assert m["status"] == "complete"
     assert [_ran(rd, k) for k in ("01", "02", "03")] == [1, 2, 1]
     assert "skipped" in lines[0] and "skipped" not in lines[1]
+
+
+def test_a_refusal_inside_a_step_shows_every_reason(tmp_path, capsys):
+    """Item 4: a step that refuses with several reasons (a notebook's preflight cell) printed only the first
+    line of its error; the reasons were in the manifest alone. Now the terminal and run.log get them all,
+    and `quantbook runs` keeps the run on one line."""
+    nbs, params = _chain(tmp_path)
+    _notebook(nbs / "02_quantize.ipynb", "calib_size = 4\nrun_dir = None",
+              "from quantbook.errors import RunError\nwhy = {'settings': 'first', 'data': 'second'}\n"
+              "raise RunError('preflight refused params (2 reason(s)):\\n' + '\\n'.join(\n"
+              "    f'  - step 02 {k}: {v} reason' for k, v in why.items()))")
+    runs = tmp_path / "runs"
+    with pytest.raises(StepFailed) as ei:
+        run_chain(params, runs_dir=runs, notebooks_dir=nbs, progress=False, echo=lambda s: None)
+    log = (runs / "t" / "run.log").read_text()
+    for text in (str(ei.value), log[log.index("quantbook.runs ERROR"):]):
+        assert "RunError: preflight refused params (2 reason(s)):" in text
+        assert "  - step 02 settings: first reason" in text and "  - step 02 data: second reason" in text
+    (row,) = list_runs(runs)
+    assert "\n" not in row["note"] and len(format_runs([row]).splitlines()) == 2
 
 
 def test_dead_kernel_names_the_running_cell(tmp_path):
@@ -213,6 +234,9 @@ def test_cli_run_failure_exit_code_and_runs_listing(tmp_path):
     assert f"fix it and rerun: quantbook run {params} --run-id t (completed steps are skipped)" in r.stderr
     assert "hello from 01, attempt 1" in r.stderr  # cell output streamed while it ran
     assert "02_quantize: calibrate" in r.stderr  # the progress bar's step description
+    # item 8 of issue 17: papermill's cell bookkeeping and the kernel's own log are not the user's business
+    for noise in ("Executing Cell", "Ending Cell", "Input Notebook:", "[IPKernelApp]"):
+        assert noise not in r.stderr, noise
     out = subprocess.run(QUANTBOOK + ["runs", "--runs-dir", str(tmp_path / "runs")], capture_output=True, text=True)
     assert out.returncode == 0
     assert out.stdout.splitlines()[0].split() == ["RUN", "STATUS", "STEPS", "CREATED", "STEP", "TIME", "NOTE"]
@@ -237,3 +261,34 @@ def test_real_chain_01_to_04_on_tiny_then_rerun_skips(tiny_chain):
     m2 = run_chain(params, runs_dir=tiny_chain["runs"], progress=False, echo=lines.append)
     assert m2["status"] == "complete" and all("skipped, complete since" in ln for ln in lines)
     assert {n: m2["steps"][n]["end"] for n in names} == before
+
+
+def test_chain_records_read_right(tiny_chain):
+    """Items 7 and 8 of issue 17, on the session's chain: progress bars end at 100% in the executed
+    notebooks (widget bars were saved at 0%), no path that no longer exists, no unexplained warning
+    box, no table that is a bare header, and papermill's cell bookkeeping is not in run.log."""
+    import re
+
+    rd = tiny_chain["run_dir"]
+
+    def outputs(step):
+        nb = nbformat.read(str(rd / f"{step}.ipynb"), 4)
+        return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+
+    def text(outs):
+        return "\n".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in outs)
+
+    for step, bars in (("01_dequant", ["dequant:"]), ("03_recover_export", ["v4-serving:", "verify numbers:"])):
+        outs = outputs(step)
+        assert not [o for o in outs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})], step
+        for bar in bars:
+            last = [ln for ln in text(outs).splitlines() if ln.startswith(bar)]
+            assert last and "100%" in last[-1], (step, bar, last)
+    q = text(outputs("02_quantize"))
+    assert ".partial" not in q and "Updated quant_cfg with KV cache quantization" not in q
+    assert "step 03 rebuilds the calibrated model from the state" not in q
+    assert not [o for o in outputs("02_quantize") if o.get("name") == "stderr" and "is not tested" in o.get("text", "")]
+    empty = [o for o in outputs("04_inspect_amax") if re.search(r"<tbody>\s*</tbody>", o.get("data", {}).get("text/html", ""))]
+    assert not empty, [str(o["data"].get("text/plain"))[:200] for o in empty]
+    log = (rd / "run.log").read_text()
+    assert "Executing Cell" not in log and "Ending Cell" not in log and "Input Notebook:" not in log

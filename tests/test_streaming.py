@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+import requires
 from layout_helpers import files
 
-pytest.importorskip("modelopt")
+requires.importorskip("modelopt")  # a failure, not a skip, under QUANTBOOK_REQUIRE_MODELOPT=1 (CI)
 
 MTP = "mtp."
 
@@ -289,14 +290,16 @@ def test_a_failing_process_is_reported_not_waited_for(streamed, tiny_chain, tmp_
     from quantbook.calibrate import distributed, quantize, streaming_driver
     from quantbook.errors import QuantizeError
 
-    monkeypatch.setenv(distributed.TIMEOUT_ENV, "120")  # a regression fails here instead of hanging an hour
+    # a regression waits the collective timeout (400 s), then fails here instead of hanging an hour; the run
+    # itself, two fresh processes on a shared 2-core machine, took up to 103 s: under 300 s is "not waited for"
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "400")
     monkeypatch.setattr(streaming_driver, "PROCESS_TARGET", "streaming_faults:calibrate_blocks_rank0_fails")
     run_dir = tmp_path / "run"
     t0 = time.monotonic()
     with pytest.raises(QuantizeError, match=r"(?s)calibration process 0 of 2 failed: OSError: injected: rank 0 "
                                             r"cannot save layers\.1"):
         quantize(streaming_q(tiny_chain, gpus=2, save_every=1), run_dir, progress=False)
-    assert time.monotonic() - t0 < 100
+    assert time.monotonic() - t0 < 300
     rec = json.loads((run_dir / "quantize.json").read_text())
     assert rec["status"] == "failed" and "process 0 of 2 failed: OSError" in rec["error"]
     assert [p for p in _quantbook_processes() if str(run_dir) in p] == []
@@ -562,7 +565,7 @@ def test_preflight_of_the_production_params_on_the_node(pro_release, tmp_path):
     assert {d["output"] for d in v.disk} == {"amax + block checkpoint (resume)", "v4-serving export"}
     assert next(r for r in v.plan if r["step"] == "01")["runs"] == "no"
     calibrate = next(r for r in v.plan if r["step"] == "02")
-    assert calibrate["what"] == "calibrate (streaming, 61 layers)"
-    assert calibrate["seconds"] == pytest.approx(61 * 9.6) and "benchmarks/gpu_bench.sh" in calibrate["rate"]
+    assert calibrate["what"] == "calibrate (streaming, 61 layers + 1 MTP block = 62 blocks)"  # mtp.0 too
+    assert calibrate["seconds"] == pytest.approx(62 * 9.6) and "benchmarks/gpu_bench.sh" in calibrate["rate"]
     text = format_verdict(v)
     assert "projected total: 21 min" in text and "+ 1 step(s) not measured" in text, text

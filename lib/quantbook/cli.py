@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import QuantbookError, StepFailed
+from .params import run_dir_for
 from .release.convert import DEFAULT_CHUNK_ELEMS
 from .release.format import named_config
 
@@ -39,8 +40,12 @@ def cmd_make_sparse(a) -> int:
 
 
 def cmd_dequant(a) -> int:
+    from .preflight import preflight, require_pass
     from .release.convert import accounting_rows, check_destination, format_table, plan, plan_summary, run
 
+    # what step 01 cannot finish (release, destination, disk, memory for the workers, device), before any work
+    require_pass(preflight({"name": f"dequant {a.src}", "dequant": dict(source=a.src, destination=a.dst,
+                            workers=a.workers, device=a.device)}, steps=["01"], run_dir=Path(a.dst)))
     p = plan(a.src, a.dst)
     check_destination(p)
     print(format_table(plan_summary(p, a.workers, a.chunk_elems)))
@@ -96,8 +101,9 @@ def cmd_run(a) -> int:
     what = "rehearsal" if a.rehearse else "run"
     print(f"{what} {m['run_id']}: {m['status']}; records in {Path(a.runs_dir) / m['run_id']}")
     if a.rehearse and m["status"] == "complete":
-        print(f"the real run may start: quantbook run {a.params}" + (f" --run-id {a.run_id}" if a.run_id else "")
-              + f" (its manifest will name this rehearsal; params digest {m['rehearsal_of']['digest']})")
+        from .records.runs import after_rehearsal
+
+        print("\n".join(after_rehearsal(a.params, m, runs_dir=a.runs_dir, run_id=a.run_id)[1]))
     return 0
 
 
@@ -131,8 +137,8 @@ def cmd_eval(a) -> int:
     from .export.fidelity import evaluate, exit_code, format_table, write_result
 
     settings = {k: v for k, v in (("engine", a.engine), ("mode", a.mode), ("device", a.device), ("text", a.text),
-                                  ("samples", a.samples), ("seq", a.seq), ("batch_size", a.batch_size),
-                                  ("act_scale", a.act_scale)) if v is not None}
+                                  ("samples", a.samples), ("seq", a.seq), ("batch_size", a.batch_size))
+                if v is not None}
     result = evaluate(a.export, a.source, settings, calibration=a.calibration)
     run_dir = Path(a.run_dir) if a.run_dir else Path("runs") / f"eval-{Path(a.export).resolve().name}"
     paths = write_result(result, run_dir)
@@ -147,17 +153,25 @@ def cmd_eval(a) -> int:
 
 
 def cmd_export(a) -> int:
-    return _export_from_run(a.params, a.run_dir, a.validate_only, "export")
+    from .params import load_params
+
+    run_dir = a.run_dir or run_dir_for(load_params(a.params), a.run_id, a.runs_dir)
+    return _export_from_run(a.params, run_dir, a.validate_only, "export")
 
 
 def _export_from_run(params, run_dir, validate_only_: bool, command: str) -> int:
     """Step 03 from a run's saved amax/state, or (validate_only_) only check that state."""
     from .export.recover import export_only, format_validation, validate_only
+    from .params import load_params
+    from .records.runs import judge_run
 
     if validate_only_:
         v, code = validate_only(params, run_dir)
         print(format_validation(v))
         return code
+    p = load_params(params)
+    run_dir = Path(run_dir) if run_dir else run_dir_for(p)
+    judge_run(p, ["03"], run_dir)  # what step 03 cannot do (no amax, a qformat the layout cannot export), before work
     rec, code = export_only(params, run_dir)
     print(rec["verify_table"])
     print(f"{rec['verdict'].upper()}: {rec['verify_summary']} (records in {rec['run_dir']})")
@@ -172,11 +186,10 @@ def _export_from_run(params, run_dir, validate_only_: bool, command: str) -> int
 
 
 def cmd_quantize(a) -> int:
-    import time
-
     from .calibrate import quantize
     from .calibrate.driver import generic_export_dir
     from .params import load_params
+    from .records.runs import judge_run, refuse_finished_calibration
 
     if a.export_only or a.validate_only:  # step 03 on a calibrated run: no model loaded, nothing recalibrated
         if not a.run_id:
@@ -185,8 +198,10 @@ def cmd_quantize(a) -> int:
             return 2
         return _export_from_run(a.params, Path(a.runs_dir) / a.run_id, a.validate_only, "quantize")
     params = load_params(a.params)
-    run_id = a.run_id or time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(a.runs_dir) / run_id
+    run_dir = run_dir_for(params, a.run_id, a.runs_dir)
+    refuse_finished_calibration(run_dir)
+    judge_run(params, ["02"], run_dir)  # what step 02 or the layout of step 03 cannot do, before any work
+    run_id = run_dir.name
     print(f"quantize: run {run_id} -> {run_dir} (rerun with --run-id {run_id} to resume a layerwise or streaming "
           "calibration)")
     rec = quantize(params.get("quantize") or {}, run_dir)
@@ -210,31 +225,46 @@ def cmd_calib_data(a) -> int:
     return 0
 
 
+DESCRIPTION = ("Quantize DeepSeek V4 to NVFP4 with NVIDIA Model Optimizer, step by step (01 dequant, 02 quantize, "
+               "03 export, 04 inspect) or as one chain (run), rehearsed first on a tiny copy. A refusal prints its "
+               "reason and exits 2; a traceback means a bug.")
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("quantbook")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="quantbook", description=__doc__)
+    ap = argparse.ArgumentParser(prog="quantbook", description=DESCRIPTION)
+    ap.add_argument("--version", action="version", version=f"quantbook {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-tiny", help="write a tiny checkpoint in the released V4 format")
-    p.add_argument("out")
+    p.add_argument("out", help="the directory to write the tiny release into")
     p.add_argument("--like", default="flash", help="flash, pro, or a config.json path (default: flash)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--experts", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default %(default)s)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (default %(default)s)")
+    p.add_argument("--experts", type=int, default=None, help="routed experts a layer (default: the tiny default)")
     p.add_argument("--trained", action="store_true",
                    help="copy the packaged TRAINED tiny release (flash, 4 layers, 8 experts; --seed does not apply) "
                         "instead of random weights")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("make-sparse", help="a full-size release's exact shards and headers, data as holes (seconds)")
-    p.add_argument("out")
+    p.add_argument("out", help="the directory to write the sparse release into")
     p.add_argument("--like", default="pro", help="pro, flash, or a config.json path (default: pro)")
     p.add_argument("--bf16", action="store_true", help="the BF16 copy step 01 would write from it instead")
     p.set_defaults(func=cmd_make_sparse)
 
     p = sub.add_parser("dequant", help="FP8/FP4 release -> BF16 checkpoint (exact, resumable)")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("src", help="the released FP8/FP4 checkpoint (a directory with config.json and shards)")
+    p.add_argument("dst", help="where the BF16 checkpoint goes (new, empty, or an earlier run of the same source)")
+    p.add_argument("--workers", type=int, default=2, help="shards converted in parallel (default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--chunk-elems", type=int, default=DEFAULT_CHUNK_ELEMS,
                    help="elements per worker chunk; memory <= workers x (64 B x chunk + 48 MiB) (default %(default)s)")
@@ -245,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", default=None, help="run directory name (default: the params name); "
                    "rerunning an id skips its completed steps")
     p.add_argument("--redo", nargs="+", default=None, help="steps to run again even if complete")
-    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--runs-dir", default="runs", help="the directory of run directories (default %(default)s)")
     p.add_argument("--notebooks", default=None, help="directory of NN_name.ipynb step notebooks (default: the repo's)")
     p.add_argument("--quiet", action="store_true", help="do not stream cell output (it still goes to run.log)")
     p.add_argument("--rehearse", action="store_true",
@@ -267,8 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_preflight)
 
     p = sub.add_parser("runs", help="list runs and their status")
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--runs-dir", default="runs", help="the directory of run directories (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="the list as JSON")
     p.set_defaults(func=cmd_runs)
     p = sub.add_parser("lab", help="open a run's notebook 04 in JupyterLab (amax and export explorers); Ctrl-C stops")
     p.add_argument("run_dir", help="the run directory, e.g. runs/tiny")
@@ -276,25 +306,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ip", default="127.0.0.1", help="address to listen on (default 127.0.0.1: reach it by ssh -L)")
     p.add_argument("--browser", action="store_true", help="also open the address in this machine's browser")
     p.set_defaults(func=cmd_lab)
-    p = sub.add_parser("verify", help="check an export: the V4 serving layout's checklist, numbers, verdict")
-    p.add_argument("export")
+    p = sub.add_parser("verify", help="check an export: the V4 serving layout's checklist, numbers, verdict; exit 0 "
+                                      "pass, 1 fail, 3 research-only (generic), 4 incomplete (a check did not run)")
+    p.add_argument("export", help="the export directory (v4-serving layout, or modelopt's generic export)")
     p.add_argument("--source", default=None, help="the release (FP8/FP4) the export was built from: byte checks")
     p.add_argument("--reference", default=None, help="the BF16 checkpoint (step 01): numeric check of every expert")
     p.add_argument("--run-dir", default=None, help="where verify.json/verify.md go (default runs/verify-<export>)")
     p.add_argument("--sample", type=int, default=None, help="numeric check on N expert tensors only (default all)")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="threads for the numeric check (default %(default)s)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("eval", help="the fidelity gate: the export as the engine computes it against the release, "
                                     "block by block on held-out text (PPL, KLD, top token, MTP); exit 1 if it fails")
     p.add_argument("export", help="the v4-serving export directory (quantbook's, or any in that layout)")
     p.add_argument("--source", required=True, help="the release (FP8/FP4) it was made from: the reference model")
-    p.add_argument("--engine", choices=["vllm", "sglang"], default=None,
-                   help="whose reading of the export, MTP experts included (default vllm)")
+    p.add_argument("--engine", choices=["auto", "vllm", "sglang"], default=None,
+                   help="whose reading of the export's MTP experts (main layers read alike); default auto: the "
+                        "engine that reads the export's form (released MXFP4: sglang, nvfp4: vllm)")
     p.add_argument("--mode", choices=["w4a4", "w4a16"], default=None,
                    help="w4a4: activations NVFP4 as on Blackwell (default); w4a16: BF16 activations (Marlin, Hopper)")
-    p.add_argument("--act-scale", choices=["layer", "expert"], default=None,
-                   help="one activation scale per layer and projection, as the engines use (default), or per expert")
     p.add_argument("--device", default=None, help="cpu (default) or cuda[:N]")
     p.add_argument("--text", default=None, help="held-out JSONL ({\"text\": ...} per line); default: the held-out "
                    "file beside --calibration")
@@ -309,15 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="step 03: export from a run's saved amax/state (no recalibration), then verify")
     p.add_argument("params", help="params YAML (its export: section)")
-    p.add_argument("--run-dir", default=None, help="the run directory of step 02 (default runs/<params name>)")
+    p.add_argument("--run-dir", default=None, help="the run directory of step 02 (default --runs-dir/--run-id)")
+    p.add_argument("--run-id", default=None, help="the run's id (default: the params name, as quantbook run names it)")
+    p.add_argument("--runs-dir", default="runs", help="the directory of run directories (default %(default)s)")
     p.add_argument("--validate-only", action="store_true",
                    help="check the saved state without loading the model or writing anything")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("quantize", help="step 02: calibrate with modelopt and export (driver from params)")
     p.add_argument("params", help="params YAML (its quantize: section)")
-    p.add_argument("--run-id", default=None, help="run directory name under --runs-dir (default: a timestamp); "
-                   "the same id resumes a killed layerwise or streaming calibration")
-    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--run-id", default=None, help="run directory name under --runs-dir (default: the params name, "
+                   "as quantbook run names it); the same id resumes a killed layerwise or streaming calibration")
+    p.add_argument("--runs-dir", default="runs", help="the directory of run directories (default %(default)s)")
     p.add_argument("--export-only", action="store_true",
                    help="export from the run's saved amax/state (params export: section) and verify; no calibration")
     p.add_argument("--validate-only", action="store_true",

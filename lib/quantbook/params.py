@@ -9,6 +9,7 @@ step's notebook and library call, so the same file drives papermill, the CLI and
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -59,3 +60,16 @@ def section(params: dict, name: str, defaults: dict | None = None) -> dict:
                               f"known: {sorted(defaults)}")
         got = {**defaults, **got}
     return got
+
+
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def run_dir_for(params: dict, run_id: str | None = None, runs_dir: str | Path = "runs") -> Path:
+    """The one rule every command names and finds a run by: `<runs_dir>/<run id>`, the run id being
+    `--run-id` or else the params file's `name` (its stem when it has none). `quantbook run`,
+    `quantize`, `export` and `preflight` all use it."""
+    run_id = run_id or params.get("name") or "run"
+    if not RUN_ID.fullmatch(run_id):
+        raise ParamsError(f"run id {run_id!r}: use letters, digits, '.', '_', '-'")
+    return Path(runs_dir) / run_id

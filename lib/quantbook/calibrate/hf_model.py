@@ -175,7 +175,12 @@ def build_quant_cfg(s: dict, layerwise_ckpt: Path | None = None, save_every: int
             if s["kv_cache_qformat"] not in KV_QUANT_CFG_CHOICES:
                 raise QuantizeError(f"kv_cache_qformat {s['kv_cache_qformat']!r}: choices "
                                     f"{[KV_CACHE_NONE, *KV_QUANT_CFG_CHOICES]}")
-            cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, KV_QUANT_CFG_CHOICES[s["kv_cache_qformat"]]["quant_cfg"])
+            import contextlib
+            import io
+
+            with contextlib.redirect_stdout(io.StringIO()):  # modelopt prints the whole merged quant_cfg dict
+                cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, KV_QUANT_CFG_CHOICES[s["kv_cache_qformat"]]["quant_cfg"])
+            print(f"[quantbook] quant_cfg: {s['qformat']} with KV cache {s['kv_cache_qformat']} (modelopt's presets)")
     if layerwise_ckpt is not None:
         alg = cfg.get("algorithm") or "max"
         if isinstance(alg, list):

@@ -109,7 +109,11 @@ def _calibrate_and_export(q: dict, s: dict, run: DriverRun, export_dir: Path, pr
     counts = counter.as_dict()
     if s["verbose"]:
         try:
-            mtq.print_quant_summary(model, str(export_dir))
+            import contextlib
+            import io
+
+            with contextlib.redirect_stdout(io.StringIO()):  # modelopt names the scratch path, renamed later
+                mtq.print_quant_summary(model, str(export_dir))
             save_expert_token_count_table(model, str(export_dir))
         except Exception as e:  # hf_ptq carries on too
             print(f"quant summary not written: {e}")

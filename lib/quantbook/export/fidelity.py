@@ -46,7 +46,6 @@ PASS, FAIL, MEASURED = "pass", "fail", "measured"  # measured: numbers recorded,
 ENGINES = ("auto", "vllm", "sglang")
 MTP_READER = {"released": "sglang", "nvfp4": "vllm"}  # the engine that reads each MTP expert form correctly
 MODES = ("w4a4", "w4a16")
-ACT_SCALES = ("layer", "expert")
 TOP_LEVEL = ("embed.weight", "head.weight", "norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale")
 
 # What a run evaluates, and the gate. Defaults measured on the trained tiny (README, "The fidelity gate").
@@ -59,7 +58,6 @@ FIDELITY_DEFAULTS = {
     "engine": "auto",  # whose reading of the export: vllm (0.33) | sglang (0.5.23) | auto: the one that reads
                        # the export's MTP expert form correctly (released: sglang, nvfp4: vllm)
     "mode": "w4a4",  # w4a4 (Blackwell: activations NVFP4) | w4a16 (Hopper's Marlin: activations BF16)
-    "act_scale": "layer",  # layer (what the engines use: the max over the experts) | expert (each its own)
     "device": "cpu",
 }
 # Measured on the trained tiny (16 x 128 held-out tokens, W4A4, carry): PPL ratio 1.0002, KLD mean 0.0008,
@@ -84,7 +82,7 @@ def fidelity_settings(f: dict | None) -> dict:
     if unknown:
         raise ParamsError(f"export.fidelity: unknown key(s) {unknown}; known: {sorted(known)}")
     s = {**FIDELITY_DEFAULTS, **GATE_DEFAULTS, **f}
-    for key, allowed in (("engine", ENGINES), ("mode", MODES), ("act_scale", ACT_SCALES)):
+    for key, allowed in (("engine", ENGINES), ("mode", MODES)):
         if s[key] not in allowed:
             raise ParamsError(f"export.fidelity.{key}: {s[key]!r}; one of {list(allowed)}")
     for key in ("samples", "seq", "batch_size"):
@@ -522,8 +520,8 @@ def format_table(result: dict) -> str:
     lines = [f"# eval: {result['export']}", "",
              f"**{result['verdict'].upper()}**: {result['summary']}", "",
              f"{result['tokens']['samples']} x {result['tokens']['seq']} held-out tokens "
-             f"({result['tokens']['scored']} scored); engine {s['engine']}, {s['mode']}, one activation scale per "
-             f"{s['act_scale']}; device {s['device']}", ""]
+             f"({result['tokens']['scored']} scored); engine {s['engine']}, {s['mode']}, one activation scale per layer "
+             f"and projection; device {s['device']}", ""]
     if result["reasons"]:
         lines += ["Why it fails:", ""] + [f"- {r}" for r in result["reasons"]] + [""]
     lines += ["| number | release | export | gate |", "|---|---|---|---|",

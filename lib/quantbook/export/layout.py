@@ -358,6 +358,30 @@ def shard_bytes(config: dict, mtp_experts: str = "released") -> dict[str, int]:
     return out
 
 
+# qformats whose calibration the v4-serving layout is written from: per-tensor NVFP4 input and weight amax of
+# every routed expert (what `expert_amax` reads). Others (int4_awq, fp8, mxfp4, the AWQ variants' pre-quant
+# scales, ...) calibrate other quantities or shapes; the layout would refuse them only after step 02.
+SERVING_QFORMATS = ("nvfp4_experts_only", "nvfp4")
+
+
+def qformat_problem(layout: str, settings: dict) -> str | None:
+    """Why step 03's `layout` cannot export a calibration made with these step-02 settings (hf_ptq flag
+    names: `qformat`, `recipe`); None when it can. The preflight asks this of step 02 (the layout its
+    params export) and of step 03 (the run's recorded settings), so the refusal comes before any work."""
+    if layout != LAYOUT:
+        return None  # the generic layout is modelopt's own export of whatever it calibrated
+    recipe, qformat = settings.get("recipe"), settings.get("qformat")
+    if recipe:
+        return None if "nvfp4" in str(recipe) else (
+            f"quantize.hf_ptq.recipe {recipe!r}: export.layout {LAYOUT} writes NVFP4 experts from NVFP4 expert amax; "
+            "this recipe's name names no NVFP4 format")
+    if qformat in SERVING_QFORMATS:
+        return None
+    return (f"quantize.hf_ptq.qformat {qformat!r}: export.layout {LAYOUT} (step 03) writes the routed experts NVFP4 "
+            f"from NVFP4 expert amax and cannot export a {qformat} calibration; use one of {list(SERVING_QFORMATS)} "
+            "(nvfp4_experts_only: what engines serve), or export.layout generic (research only)")
+
+
 def check_options(cast_mxfp4_to_nvfp4, mtp_experts) -> None:
     if not isinstance(cast_mxfp4_to_nvfp4, bool):
         raise LayoutError(f"cast_mxfp4_to_nvfp4: {cast_mxfp4_to_nvfp4!r}; write true (carry the released weights "

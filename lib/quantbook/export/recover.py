@@ -392,12 +392,15 @@ def run_fidelity(e: dict, run_dir: Path, verified: dict, progress: bool = True) 
 
 
 def default_run_dir(params: dict, runs_dir: str | Path = "runs") -> Path:
-    """`runs/<params name>`, where `quantbook run` keeps a run of that params file."""
-    return Path(runs_dir) / params["name"]
+    """`runs/<params name>`, where `quantbook run` keeps a run of that params file (`runs.run_dir_for`)."""
+    from ..params import run_dir_for
+
+    return run_dir_for(params, None, runs_dir)
 
 
 def export_only(params_path: str | Path, run_dir: str | Path | None = None, progress: bool = True) -> tuple[dict, int]:
-    """`--export-only`: step 03 from a run's saved state. (record, exit code: 0 pass, 1 fail, 3 research-only)."""
+    """`--export-only`: step 03 from a run's saved state (the CLI judges it first: `runs.judge_run`). (record,
+    exit code: 0 pass, 1 fail, 3 research-only, 4 incomplete)."""
     from ..params import load_params
     from .verify import exit_code
 

@@ -1,8 +1,10 @@
 """`quantbook verify`: is an export the V4 serving layout, whole, and numerically right?
 
 For a v4-serving export it applies the contract's checklist (../shared/docs/v4-nvfp4-serving-
-layout.md) plus a numeric check, and gives `pass` or `fail`. A generic modelopt export of the
-transformers model gets `research-only` with every reason it is not loadable by vLLM/SGLang for V4.
+layout.md) plus a numeric check, and gives `pass` or `fail`, or `incomplete` when nothing failed but
+a check could not run (no release to compare with): not proven, never read as a pass. A generic
+modelopt export of the transformers model gets `research-only` with every reason it is not loadable
+by vLLM/SGLang for V4, or `fail` when its numbers are wrong.
 
 The numeric check dequantizes every NVFP4 expert weight as the engines decode it
 (`export.engine.decode_nvfp4`: E2M1 code x E4M3 `weight_scale` x `weight_scale_2`) and compares
@@ -53,6 +55,7 @@ from .layout import GROUP, HF_QUANT_CONFIG, LAYOUT, MANIFEST, mtp_layers, quanti
 
 PASS, FAIL, SKIP, WARN = "pass", "fail", "skip", "warn"
 RESEARCH_ONLY = "research-only"
+INCOMPLETE = "incomplete"  # nothing failed, but a check did not run: not proven (exit 4, never read as pass)
 NOT_SERVABLE = "not loadable by vLLM/SGLang for DeepSeek V4"
 TOP_LEVEL = ("embed.weight", "head.weight", "norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale")
 TRANSFORMERS_NAMES = re.compile(
@@ -458,6 +461,7 @@ def check_numbers(ck: Checkpoint, cfg: dict, ref: Checkpoint | None, src: Checkp
     if ref is None and src is None:
         c.status, c.detail = SKIP, "no --source or --reference to compare with"
         return c, {}
+    total = len(names)
     if sample and sample < len(names):
         step = len(names) / sample
         names = [names[int(k * step)] for k in range(sample)]
@@ -479,7 +483,7 @@ def check_numbers(ck: Checkpoint, cfg: dict, ref: Checkpoint | None, src: Checkp
         except Exception as e:  # noqa: BLE001 (an unreadable tensor is a finding of this check)
             return name, {"error": f"{type(e).__name__}: {e}"}
 
-    from tqdm.auto import tqdm
+    from ..progress import tqdm
 
     threads = torch.get_num_threads()
     if workers > 1:
@@ -502,7 +506,7 @@ def check_numbers(ck: Checkpoint, cfg: dict, ref: Checkpoint | None, src: Checkp
             c.fail(f"{name}: carried from the release with {lossy} lossy 32-blocks, but "
                    f"{r['blocks'] - r['blocks_exact']} of its {r['blocks']} 16-blocks differ from the {against}")
     ok = [r for r in rows.values() if "error" not in r]
-    summary = {"tensors": len(rows), "sampled": bool(sample), "against": against}
+    summary = {"tensors": len(rows), "of": total, "sampled": len(rows) < total, "against": against}
     if ok:
         worst = max(((n, r) for n, r in rows.items() if "error" not in r), key=lambda kv: kv[1]["max_ratio"])
         summary.update(max_ratio=max(r["max_ratio"] for r in ok), rel_rmse_mean=sum(r["rel_rmse"] for r in ok) / len(ok),
@@ -510,7 +514,8 @@ def check_numbers(ck: Checkpoint, cfg: dict, ref: Checkpoint | None, src: Checkp
                        blocks=sum(r["blocks"] for r in ok), blocks_exact=sum(r["blocks_exact"] for r in ok),
                        carried_tensors=sum(f"{n}.weight" in carried for n in rows))
         rest = summary["blocks"] - summary["blocks_exact"]
-        c.close(f"{len(ok):,} tensors ({summary['carried_tensors']:,} carried) vs the {against}: "
+        of = f" (a sample of {len(rows):,} of the {total:,}, spread over the layers)" if len(rows) < total else ""
+        c.close(f"{len(ok):,} tensors{of} ({summary['carried_tensors']:,} carried) vs the {against}: "
                 f"{summary['blocks_exact']:,} of {summary['blocks']:,} 16-blocks equal to it exactly, the other "
                 f"{rest:,} within NVFP4's bound (worst {summary['max_ratio']:.3f} of it, {worst[0]}); relative RMS "
                 f"error mean {summary['rel_rmse_mean']:.4f}, max {summary['rel_rmse_max']:.4f}")
@@ -566,8 +571,13 @@ def verify(export: str | Path, source: str | Path | None = None, reference: str 
         nv = sorted({n[: -len(".weight_scale_2")] for n in ck.weight_map if n.endswith(".weight_scale_2")})
         num, numbers = check_numbers(ck, cfg, ref, src, names=nv, sample=sample, workers=workers, progress=progress)
         checks = [num]
-        result.update(layout="generic-modelopt", verdict=RESEARCH_ONLY,
-                      summary=f"{RESEARCH_ONLY}: {NOT_SERVABLE} ({len(reasons)} reasons)", reasons=reasons)
+        if num.status == FAIL:  # research-only is for a right export engines cannot serve, not a wrong one
+            result.update(layout="generic-modelopt", verdict=FAIL, reasons=[f"check {num.id}: {num.detail}"] + reasons,
+                          summary=f"{FAIL}: check {num.id} (numbers) failed; and {NOT_SERVABLE} ({len(reasons)} reasons)")
+        else:
+            result.update(layout="generic-modelopt", verdict=RESEARCH_ONLY, reasons=reasons,
+                          summary=f"{RESEARCH_ONLY}: {NOT_SERVABLE} ({len(reasons)} reasons)"
+                          + ("; check 7 (numbers) did not run: pass --reference" if num.status == SKIP else ""))
     else:
         form = mtp_form(ck, cfg)
         experts, missing = check_experts(ck, cfg, form)
@@ -576,15 +586,21 @@ def verify(export: str | Path, source: str | Path | None = None, reference: str 
         num, numbers = check_numbers(ck, cfg, ref, src, sample=sample, workers=workers, progress=progress, form=form)
         checks += [num, check_manifest(ck), check_engines(ck, cfg, form)]
         failed = [c for c in checks if c.status == FAIL]
-        verdict = FAIL if failed else PASS
         skipped = [c.id for c in checks if c.status == SKIP]
         warned = [c.id for c in checks if c.status == WARN]
-        summary = (f"{PASS}: the v4-serving layout, whole and within NVFP4's error bound" if not failed
-                   else f"{FAIL}: {len(failed)} check(s) failed ({', '.join(c.id for c in failed)})")
+        ran = [c.id for c in checks if c.status != SKIP]
+        verdict = FAIL if failed else INCOMPLETE if skipped else PASS
+        summary = {PASS: f"{PASS}: the v4-serving layout, whole and within NVFP4's error bound (all {len(checks)} checks ran)",
+                   FAIL: f"{FAIL}: {len(failed)} check(s) failed ({', '.join(c.id for c in failed)})",
+                   INCOMPLETE: f"{INCOMPLETE}, not proven: check(s) {', '.join(ran)} ran and passed, check(s) "
+                               f"{', '.join(skipped)} did not run (pass --source, the release, to run them all)"}[verdict]
         if warned:
             summary += f"; warning in check(s) {', '.join(warned)}"
-        if skipped:
-            summary += f"; check(s) {', '.join(skipped)} skipped (pass --source and --reference for all)"
+        if skipped and failed:
+            summary += f"; check(s) {', '.join(skipped)} did not run (pass --source, the release, to run them all)"
+        sampled = numbers.get("sampled")
+        if sampled:
+            summary += f"; numbers on a sample of {numbers['tensors']:,} of {numbers['of']:,} expert tensors"
         result.update(layout=LAYOUT, verdict=verdict, reasons=[f"check {c.id}: {c.detail}" for c in failed],
                       summary=summary, missing_expert_tensors=missing,
                       mtp_experts={"stored": form, **MTP_SERVING.get(form or "", {})})
@@ -604,7 +620,8 @@ def format_table(result: dict) -> str:
         lines += [f"Why it is {NOT_SERVABLE}:", ""] + [f"- {r}" for r in result["reasons"]] + [""]
     lines += ["| # | check | status | detail |", "|---|---|---|---|"]
     for c in result["checks"]:
-        lines.append(f"| {c['id']} | {c['check']} | {c['status']} | {c['detail'].replace('|', '/')} |")
+        detail = c["detail"].replace("|", "/").replace("*", "\\*")  # Markdown read globs like *.attn.* as italics
+        lines.append(f"| {c['id']} | {c['check']} | {c['status']} | {detail} |")
     missing = result.get("missing_expert_tensors") or {}
     if missing:
         lines += ["", f"Expert projections missing NVFP4 tensors ({len(missing)}; engines load them without an error, "
@@ -627,14 +644,16 @@ def write_result(result: dict, run_dir: str | Path, stem: str = "verify") -> tup
 
 
 def require_pass(result: dict, what: str = "the export") -> None:
-    """Raise VerifyFailed when the verdict is `fail` (research-only and pass go on)."""
+    """Raise VerifyFailed when the verdict is `fail` or `incomplete` (research-only and pass go on)."""
     if result["verdict"] == FAIL:
         raise VerifyFailed(f"{what} in {result['export']} failed verification: {result['summary']}")
+    if result["verdict"] == INCOMPLETE:
+        raise VerifyFailed(f"{what} in {result['export']} is not proven: {result['summary']}")
 
 
 def exit_code(result: dict) -> int:
-    """0 pass, 1 fail, 3 research-only (a generic export: kept, not servable)."""
-    return {PASS: 0, FAIL: 1, RESEARCH_ONLY: 3}[result["verdict"]]
+    """0 pass, 1 fail, 3 research-only (a generic export: kept, not servable), 4 incomplete (a check did not run)."""
+    return {PASS: 0, FAIL: 1, RESEARCH_ONLY: 3, INCOMPLETE: 4}[result["verdict"]]
 
 
 __all__ = ["verify", "write_result", "format_table", "exit_code", "require_pass", "generic_reasons",

@@ -62,11 +62,13 @@ class Verdict:
 
 def preflight(params: dict | str | Path, steps=None, run_dir: str | Path | None = None,
               runs_dir: str | Path | None = None, machine: Machine | None = None,
-              rates: list[dict] | None = None) -> Verdict:
+              rates: list[dict] | None = None, now: bool = False) -> Verdict:
     """Judge the steps of `params` (a params file or its dict; only the sections present count) on
     `machine` (default: this one). `steps`: step numbers to judge (default: every step whose section
     is there). `run_dir`: where the run keeps its records (default `<runs_dir>/<name>`); with
-    `runs_dir`, the rehearsals there are looked up too."""
+    `runs_dir`, the rehearsals there are looked up too. `now`: the steps are about to run (`quantbook
+    run` and the step commands): an input that no judged step writes must exist already (refused, not
+    a warning, when step 02 is judged without step 01 and the BF16 copy is not there)."""
     t0 = time.perf_counter()
     if not isinstance(params, dict):
         params = load_params(params)
@@ -74,7 +76,7 @@ def preflight(params: dict | str | Path, steps=None, run_dir: str | Path | None 
     if run_dir is None:
         run_dir = Path(runs_dir or "runs") / params.get("name", "run")
     ctx = Context(params=params, steps=chosen, run_dir=Path(run_dir), runs_dir=Path(runs_dir) if runs_dir else None,
-                  machine=machine or Machine.here(), rates=rates if rates is not None else rates_mod.load_rates())
+                  machine=machine or Machine.here(), rates=rates if rates is not None else rates_mod.load_rates(), now=now)
     run_checks(ctx)
     return Verdict(params.get("name", "params"), ctx.machine.describe(), chosen, ctx.checks, ctx.census, ctx.disk_rows(),
                    ctx.plan, round(time.perf_counter() - t0, 2))
@@ -99,11 +101,16 @@ def select(spec) -> list[str]:
     return [k for k in STEPS if k in chosen]
 
 
+def refusal_lines(v: Verdict) -> list[str]:
+    """One line per refusal, `  - step NN area: item: detail`: what every refusal message lists."""
+    return [f"  - step {c['step']} {c['area']}: {c['item']}: " + str(c["detail"]).strip().replace("\n", "\n      ")
+            for c in v.refusals]
+
+
 def require_pass(v: Verdict) -> None:
     """Raise RunError naming every refusal of the verdict (what the notebooks and the runner stop on)."""
     if not v.ok:
-        raise RunError(f"preflight refused {v.name} ({len(v.refusals)} reason(s)):\n  - " + "\n  - ".join(
-            f"step {c['step']} {c['area']}: {c['item']}: {c['detail']}" for c in v.refusals))
+        raise RunError(f"preflight refused {v.name} ({len(v.refusals)} reason(s)):\n" + "\n".join(refusal_lines(v)))
 
 
 def duration(seconds: float | None) -> str:
@@ -170,5 +177,5 @@ def format_verdict(v: Verdict) -> str:
                    f"in {v.seconds:.1f} s")
     else:
         out.append(f"REFUSED: {v.name}, {len(v.refusals)} reason(s) ({v.seconds:.1f} s):")
-        out += [f"  - step {c['step']} {c['area']}: {c['item']}: {c['detail']}" for c in v.refusals]
+        out += refusal_lines(v)
     return "\n".join(out)

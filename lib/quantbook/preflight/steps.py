@@ -54,6 +54,7 @@ class Context:
     outputs: list[dict] = field(default_factory=list)
     disk: list[dict] = field(default_factory=list)
     release: dict | None = None  # {"src", "config", "plan" (convert.Plan or None), "built"}
+    now: bool = False  # the steps run now (judge_run): an input no judged step writes must exist already
 
     def add(self, step: str, area: str, item: str, status: str, detail: str) -> None:
         self.checks.append({"step": step, "area": area, "item": item, "status": status, "detail": detail})
@@ -138,6 +139,10 @@ def _release(ctx: Context) -> None:
         ctx.release = {"src": src.resolve(), "config": cfg, "plan": None, "built": True}
         ctx.add(step, "release", str(src), OK, f"built by step 01 from the tiny: section ({spec}); "
                 f"{sum(r['expected'] for r in ctx.census):,} tensors implied by its config")
+    elif not src.exists():
+        ctx.add(step, "release", who, REFUSE, f"{src} does not exist (the released FP8/FP4 checkpoint's directory)"
+                + ("" if p.get("tiny") or not p.get("_path") else "; a tiny: section builds a missing source, "
+                   "these params have none"))
     else:
         ctx.add(step, "release", who, REFUSE, f"{src} has no config.json (not a release directory?)")
 
@@ -201,6 +206,12 @@ def _model_config(ctx: Context, ckpt: Path | None) -> tuple[dict | None, str]:
         return atomic.read_json(ckpt / "config.json"), f"{ckpt / 'config.json'}"
     rel, d = ctx.release, ctx.params.get("dequant") or {}
     if rel is not None and _same(ckpt, d.get("destination")):
+        if "01" not in ctx.steps:  # step 02 judged without step 01: the copy must be there when step 02 starts
+            ctx.add("02", "model", "quantize.hf_ptq.pyt_ckpt_path", REFUSE if ctx.now else WARN,
+                    f"{ckpt} does not exist yet: step 01 writes the BF16 copy there; step 02 cannot start before it "
+                    "(quantbook run PARAMS --steps 01, or quantbook dequant)")
+            if ctx.now:
+                return None, ""
         return bf16_config(rel["config"]), "the BF16 copy step 01 writes (its config from the release's)"
     if rel is not None and _same(ckpt, rel["src"]):
         return rel["config"], "the release itself"
@@ -229,7 +240,9 @@ def _versions(ctx: Context, q: dict, s: dict, drv) -> None:
                 f"{TESTED_TRANSFORMERS[0]} (constraints.txt)")
     else:
         ctx.add("02", "versions", "transformers", OK if tv in TESTED_TRANSFORMERS else WARN,
-                f"{tv} has deepseek_v4" + ("" if tv in TESTED_TRANSFORMERS else
+                f"{tv} has deepseek_v4" + (" (the tested release; modelopt 0.47 declares < 5.15, whose V4 cannot run "
+                                           "a BF16 forward, and its import warning about it is not shown)"
+                                           if tv in TESTED_TRANSFORMERS else
                                            f"; calibration is tested with {', '.join(TESTED_TRANSFORMERS)}"))
     if drv.name == "hf_ptq":
         from ..calibrate.hf_ptq_driver import check_checkout, resolve_checkout
@@ -329,6 +342,13 @@ def _quantize(ctx: Context) -> None:
         ctx.attempt("02", "settings", "quantize.hf_ptq", check_quantize_settings, q, cfg)
     for w in caught:
         ctx.add("02", "settings", "warning", WARN, str(w.message))
+    if "export" in ctx.params:  # what step 03 of these params can export from this calibration
+        from ..export.layout import qformat_problem
+
+        layout = (ctx.params.get("export") or {}).get("layout") or "v4-serving"
+        why = qformat_problem(layout, s)
+        if why:
+            ctx.add("02", "settings", "quantize.hf_ptq.qformat", REFUSE, why)
     if not any(c["status"] == REFUSE for c in ctx.checks[before:]):
         ctx.add("02", "settings", "quantize.hf_ptq", OK, f"driver {drv.name}, qformat {s.get('qformat')}, "
                 f"kv_cache_qformat {s.get('kv_cache_qformat')}, batch_size {s.get('batch_size')}, model from {where}")
@@ -352,9 +372,14 @@ def _quantize(ctx: Context) -> None:
             "amax + block checkpoint (resume)")
     ctx.output("02", what, ctx.run_dir, state + layerwise)
     rate = rates_mod.pick(ctx.rates, "calibrate", device=s.get("device"), driver=drv.name, cpus=ctx.machine.cpus)
-    ctx.plan.append({"step": "02", "what": f"calibrate ({drv.name}, {sizes['layers']} layers)"
+    # a driver that calibrates block by block also runs the MTP block(s) (streaming, mtp: calibrate): each a block
+    mtp = int(cfg.get("num_nextn_predict_layers") or 0) if not drv.loads_whole_model and q.get("mtp") == "calibrate" \
+        else 0
+    blocks = sizes["layers"] + mtp
+    what = f"{sizes['layers']} layers" + (f" + {mtp} MTP block{'s' * (mtp > 1)} = {blocks} blocks" if mtp else "")
+    ctx.plan.append({"step": "02", "what": f"calibrate ({drv.name}, {what})"
                      + (", generic export" if writes_generic_export(q) else ""), "runs": "yes",
-                     "seconds": rates_mod.seconds(rate, layers=sizes["layers"]) if rate else None,
+                     "seconds": rates_mod.seconds(rate, layers=blocks) if rate else None,
                      "rate": rates_mod.describe(rate) if rate else None})
 
 
@@ -378,6 +403,16 @@ def _export(ctx: Context) -> None:
     if not amax_ready:
         ctx.add("03", "amax", str(ctx.run_dir), REFUSE, f"no {SNAPSHOT} or state/ in the run directory: step 02 "
                 "writes them (run it first, or name the calibrated run's directory)")
+    if "02" not in ctx.steps:  # the calibration this export reads: what step 02 recorded it was made with
+        from ..calibrate.driver import RESULT
+        from ..calibrate.settings import HF_PTQ_DEFAULTS
+        from ..export.layout import qformat_problem
+
+        rec = atomic.read_json(ctx.run_dir / RESULT) or {}
+        hf = ((rec.get("params") or {}).get("hf_ptq")) if isinstance(rec.get("params"), dict) else None
+        why = qformat_problem(e["layout"], {**HF_PTQ_DEFAULTS, **hf}) if isinstance(hf, dict) else None
+        if why:
+            ctx.add("03", "amax", "qformat", REFUSE, f"{ctx.run_dir / RESULT}: calibrated with {why}")
     ref = e["reference"]
     if ref and not Path(ref).exists() and not _same(ref, planned_bf16):
         ctx.add("03", "reference", "export.reference", REFUSE, f"{ref} does not exist and no step of this run writes it "
@@ -506,9 +541,15 @@ def _inspect(ctx: Context) -> None:
 
 
 def _overlaps(ctx: Context) -> None:
-    """No output directory is the release or inside or around it, nor another output's."""
-    dirs = [(o["output"], Path(o["path"])) for o in ctx.outputs if o["output"] != "calibrated state"
-            and not o["output"].startswith("calibrated state")]
+    """No output directory is the release or inside or around it, nor another output's. The run
+    directory itself is not one of them (any driver's: "calibrated state", "amax + block checkpoint"):
+    step 02 writes files into it, never replaces it whole, and a rehearsal keeps its tiny release and
+    outputs inside its own run directory."""
+    dirs = [(o["output"], Path(o["path"])) for o in ctx.outputs if not _same(o["path"], ctx.run_dir)]
+    src = ctx.release["src"] if ctx.release is not None else None
+    if src is not None and any(_same(o["path"], ctx.run_dir) for o in ctx.outputs) and \
+            (_same(ctx.run_dir, src) or Path(src).resolve() in Path(ctx.run_dir).resolve().parents):
+        ctx.add("run", "destination", "run directory", REFUSE, f"{ctx.run_dir} is the release {src} or inside it")
     if ctx.release is not None:
         for what, d in dirs:
             if _nested(d, ctx.release["src"]):

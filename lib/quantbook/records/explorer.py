@@ -175,6 +175,8 @@ def draw_amax(fig, v: AmaxViews, layer: int, proj: str, role: str, expert: int) 
     layer (attention, shared experts, the routed experts' shared input): the amax across layers,
     the chosen layer in red. The rows also list the other roles' quantizers of that layer.
     """
+    from matplotlib.ticker import MaxNLocator
+
     L = v.layers.index(layer)
     ax = fig.add_axes((0.1, 0.16, 0.78, 0.74))  # fixed margins: no layout pass per redraw
     experts, per_layer = v.experts.get(proj, {}), v.per_layer.get(proj, {})
@@ -212,6 +214,7 @@ def draw_amax(fig, v: AmaxViews, layer: int, proj: str, role: str, expert: int) 
                 label=role)
         ax.axvline(layer, color=RED, lw=1)
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers (no 0.5 ticks)
         title = f"{v.groups[proj]} {role}: one quantizer per layer, layer {layer} in red"
     else:
         ax.text(0.5, 0.5, f"no {role} quantizer for {proj}", ha="center", va="center", transform=ax.transAxes)

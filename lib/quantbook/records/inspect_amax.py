@@ -567,6 +567,7 @@ def plot_histograms(run: AmaxRun, bins: int = 40):
 def plot_layer_profile(run: AmaxRun):
     """Median and min-max band of amax per layer for each projection group and role."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     t = run.amax
     t = t[t["present"] & (t["amax"] > 0) & np.isfinite(t["amax"]) & t["layer"].notna() & ~t["mtp"].astype(bool)]
@@ -585,6 +586,7 @@ def plot_layer_profile(run: AmaxRun):
             ax.axvspan(-0.5, run.num_hash_layers - 0.5, color="gray", alpha=0.12, label="hash-routed")
         ax.set_yscale("log")
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers (no 0.5 ticks)
         ax.set_ylabel(f"{role} amax")
         ax.set_title(f"{role} amax per layer (median, min-max band)", fontsize=9)
         ax.legend(fontsize=7)

@@ -446,6 +446,7 @@ def plot_scale_profile(table: pd.DataFrame, outliers: pd.DataFrame | None = None
     """Per layer, the median and min-max band across experts of `weight_scale_2` and `input_scale`
     for each projection; outliers in red, the largest named."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.2))
     for ax, s in zip(axes, SCALES):
@@ -464,6 +465,7 @@ def plot_scale_profile(table: pd.DataFrame, outliers: pd.DataFrame | None = None
                             color=RED, xytext=(3, 3), textcoords="offset points")
         ax.set_yscale("log")
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers (no 0.5 ticks)
         ax.set_title(f"{s} per layer across experts (median, min-max band)", fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)

@@ -343,15 +343,32 @@ def _draw(ax, rows: list[dict], spans, t0: float, scale: float, unit: str, title
     for k, (_, ph, a, b, outcome) in enumerate(spans):
         color = "red" if outcome != "ok" else colors[k % len(colors)]
         ax.axvspan((a - t0) / scale, (b - t0) / scale, color=color, alpha=0.12, lw=0)
-        ax.text((a - t0) / scale, 1.0, f" {ph}" + ("" if outcome == "ok" else f" ({outcome})"),
-                transform=ax.get_xaxis_transform(), rotation=90, va="top", ha="left", fontsize=7,
+        # a number above the span, level, readable; the names in the key under the axis (long names and
+        # many short phases used to be rotated 7-point labels clipped by the axes)
+        ax.text(((a + b) / 2 - t0) / scale, 1.01, str(k + 1),
+                transform=ax.get_xaxis_transform(), va="bottom", ha="center", fontsize=8, clip_on=False,
                 color="darkred" if outcome != "ok" else "dimgray")
-    ax.set_title(title, fontsize=9, loc="left")
+    ax.set_title(title, fontsize=9, loc="left", pad=14 if spans else None)
     ax.set_ylabel("GiB")
     ax.set_xlabel(f"time since start ({unit})")
+    if spans:
+        ax.text(0, -0.3, "\n".join(_key(spans)), transform=ax.transAxes, va="top", ha="left", fontsize=8,
+                color="dimgray")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper right", ncol=min(5, 1 + len(gpu_cols)))
+
+
+KEY_WIDTH = 150  # characters a line of the phase key
+
+
+def _key(spans) -> list[str]:
+    """The phase key under a panel: `1 load 0.5 s · 2 calibrate 30.0 s (error) · ...`, wrapped."""
+    import textwrap
+
+    items = [f"{k + 1} {ph} {b - a:.1f} s" + ("" if outcome == "ok" else f" ({outcome})")
+             for k, (_, ph, a, b, outcome) in enumerate(spans)]
+    return textwrap.wrap("phases: " + " · ".join(items), KEY_WIDTH, break_long_words=False) or [""]
 
 
 def _time_unit(seconds: float) -> tuple[float, str]:
@@ -384,7 +401,10 @@ def plot_memory(run_dir_or_csv: str | Path, ax=None, step: str | None = None):
         _draw(ax, rows, spans, t0, scale, unit, step or "memory")
         return ax
     sessions = _sessions(rows)
-    fig, axes = plt.subplots(len(sessions), 1, figsize=(10, 2.8 * len(sessions)), squeeze=False)
+    keys = [len(_key([s for s in spans if s[0] == sess])) if any(s[0] == sess for s in spans) else 0
+            for sess, _, _ in sessions]
+    fig, axes = plt.subplots(len(sessions), 1, figsize=(10, sum(3.2 + 0.18 * k for k in keys)), squeeze=False,
+                             gridspec_kw={"height_ratios": [3.2 + 0.18 * k for k in keys]})
     for a, (sess, st, srows) in zip(axes[:, 0], sessions):
         t0 = srows[0]["unix_time"]
         scale, unit = _time_unit(srows[-1]["unix_time"] - t0)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..atomic import read_json, write_json, write_text
 from ..errors import ParamsError, RunError, StepFailed
-from ..params import load_params
+from ..params import load_params, run_dir_for
 from . import rehearsal
 from .rehearsal import default_notebooks_dir
 
@@ -237,19 +237,38 @@ def _save(run_dir: Path, manifest: dict) -> None:
 
 
 def _lock(run_dir: Path):
-    f = open(run_dir / LOCK, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip()
+    """Hold `<run_dir>/.lock` (flock) while a run works; `_unlock` removes it. A lock file removed by
+    its holder between our open and our flock is not the lock any more: open it again."""
+    while True:
+        f = open(run_dir / LOCK, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            raise RunError(f"run directory {run_dir} is in use by another `quantbook run` ({holder})") from None
+        try:
+            same = os.stat(run_dir / LOCK).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
         f.close()
-        raise RunError(f"run directory {run_dir} is in use by another `quantbook run` ({holder})") from None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()} since {_now()}\n")
     f.flush()
     return f
+
+
+def _unlock(run_dir: Path, f) -> None:
+    """Remove the lock file, then let the lock go: `.lock` exists only while a run works."""
+    try:
+        os.unlink(run_dir / LOCK)
+    except FileNotFoundError:
+        pass
+    f.close()
 
 
 def _locked(run_dir: Path) -> bool:
@@ -324,7 +343,10 @@ def _describe_failure(step: Step, info: dict, exc: BaseException, out_nb: Path, 
     if info.get("line"):
         lines.append(f"    line {info['line']}")
     what = f"{info['ename']}: {info.get('evalue', '')}" if info.get("ename") else f"{type(exc).__name__}: {exc}"
-    lines.append(what.strip().splitlines()[0][:500] if what.strip() else type(exc).__name__)
+    # the whole message: a refusal lists its reasons on the lines after the first (at most 40 of them)
+    body = [ln[:500] for ln in what.strip().splitlines()] or [type(exc).__name__]
+    lines += body[:40] + ([f"    ... {len(body) - 40} more line(s): the executed notebook has them all"]
+                          if len(body) > 40 else [])
     if type(exc).__name__ == "DeadKernelError":
         lines.append("the kernel process died: host out-of-memory is the usual cause "
                      "(see memory.csv in the run directory and `dmesg`)")
@@ -350,6 +372,15 @@ def export_html(notebook: Path, html: Path) -> Path | None:
 
 
 # -- the chain -----------------------------------------------------------------------------------
+# papermill's own bookkeeping lines, said better by the runner ("[2/4] 02_quantize: ..."): not cell output
+_PAPERMILL_NOISE = ("Executing Cell", "Ending Cell", "Input Notebook:", "Output Notebook:", "Working directory:",
+                    "Executing notebook with kernel:")
+
+
+def _quiet_papermill(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_PAPERMILL_NOISE)
+
+
 def _setup_log(run_dir: Path) -> logging.Handler:
     """Append papermill's cell output and this module's records to run_dir/run.log. The runner's
     own records go to the file only (the terminal gets `echo`); papermill's also propagate to
@@ -357,6 +388,7 @@ def _setup_log(run_dir: Path) -> logging.Handler:
     h = logging.FileHandler(run_dir / RUN_LOG)
     h.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     h.setLevel(logging.INFO)
+    logging.getLogger("papermill").addFilter(_quiet_papermill)
     for lg in (logging.getLogger("papermill"), log):
         lg.addHandler(h)
         if lg.getEffectiveLevel() > logging.INFO:
@@ -366,6 +398,7 @@ def _setup_log(run_dir: Path) -> logging.Handler:
 
 
 def _drop_log(h: logging.Handler) -> None:
+    logging.getLogger("papermill").removeFilter(_quiet_papermill)
     for lg in (logging.getLogger("papermill"), log):
         lg.removeHandler(h)
     log.propagate = True
@@ -374,17 +407,23 @@ def _drop_log(h: logging.Handler) -> None:
 
 def run_chain(params_path: str | Path, steps=None, run_id: str | None = None, runs_dir: str | Path = "runs",
               notebooks_dir: str | Path | None = None, redo=None, log_output: bool = True,
-              progress: bool = True, echo=print, no_rehearsal: bool = False, rehearsal_of: dict | None = None) -> dict:
+              progress: bool = True, echo=print, no_rehearsal: bool = False, rehearsal_of: dict | None = None,
+              judge: bool | None = None, machine=None) -> dict:
     """Run the selected steps' notebooks into `runs_dir/run_id/`, skipping steps already complete.
 
     A step completed by an earlier invocation with the same parameters is skipped unless named in
     `redo`; once any step runs, every later selected step runs too (it may depend on the new
     outputs). A completed step whose parameters changed is refused (name it in `redo`). All
     steps' parameters are checked against their notebooks' `parameters` cells before anything
-    runs. A run of steps 01-03 starts only after a rehearsal of the same params passed
+    runs, then the whole run is judged (`judge`: `quantbook preflight` of every step that will run, on
+    `machine`, default this one): a refusal raises RunError with every reason before step 01, recorded
+    in the run's run.log and manifest when the run directory exists, and leaves none behind when it did
+    not. A run of steps 01-03 starts only after a rehearsal of the same params passed
     (`rehearsal.gate`; `no_rehearsal` starts anyway and records it); `rehearsal_of` is the record
     of the run a rehearsal stands for (`rehearse`). Raises StepFailed at the first failure;
-    returns the manifest.
+    returns the manifest. `judge` defaults to whether the steps are the repository's notebooks (the
+    preflight judges what they do); other notebooks (`--notebooks`) are checked against their
+    parameters cells only, unless `judge=True`.
     """
     import papermill as pm
 
@@ -409,10 +448,8 @@ def run_chain(params_path: str | Path, steps=None, run_id: str | None = None, ru
             for name in sorted(not_needed):
                 echo(f"{name}: not run ({why}; `--steps 01` runs it anyway)")
     redo_names = {s.name for s in select_steps(all_steps, redo)} if redo else set()
-    run_id = run_id or params["name"]
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run_id):
-        raise ParamsError(f"run id {run_id!r}: use letters, digits, '.', '_', '-'")
-    run_dir = (Path(runs_dir) / run_id).resolve()
+    run_dir = run_dir_for(params, run_id, runs_dir).resolve()
+    run_id = run_dir.name
 
     plan = []
     for s in chosen:  # every step's parameters checked before the first one runs
@@ -423,6 +460,13 @@ def run_chain(params_path: str | Path, steps=None, run_id: str | None = None, ru
             raise ParamsError(f"{params['_path']}: section {s.section!r} has key(s) {unknown} that notebook "
                               f"{s.path} does not take; it takes: {sorted(declared - {'run_dir'})}")
         plan.append((s, values))
+    if judge is None:
+        judge = notebooks_dir is None or Path(notebooks_dir).resolve() == default_notebooks_dir().resolve()
+    if judge:  # the whole run judged before step 01: every step that will run, every section's keys
+        earlier = load_manifest(run_dir) or {"steps": {}}
+        to_run = [s.key for s, _, _, what in _decide(plan, earlier, redo_names, run_id) if what == "run"]
+        if to_run:
+            judge_run(params, to_run, run_dir, machine)
     if rehearsal_of is None and any(s.key in ("01", "02", "03") for s in chosen):
         gate = rehearsal.gate(params, runs_dir, no_rehearsal, notebooks_dir)
         if gate.get("skipped"):
@@ -472,7 +516,50 @@ def run_chain(params_path: str | Path, steps=None, run_id: str | None = None, ru
             manifest["invocations"][-1].setdefault("ended", _now())
             _save(run_dir, manifest)
         _drop_log(handler)
-        lock.close()
+        _unlock(run_dir, lock)
+
+
+def judge_run(params: dict, steps: list[str], run_dir: Path, machine=None) -> None:
+    """`quantbook preflight` of the steps about to run (`quantbook run`, and each step command run alone);
+    RunError naming every refusal. The refusal goes into an existing run directory's run.log and
+    manifest (its invocations); none is created."""
+    from ..preflight import preflight, refusal_lines
+
+    v = preflight(params, steps=steps, run_dir=run_dir, machine=machine, now=True)
+    if v.ok:
+        return
+    run_dir = Path(run_dir)
+    msg = (f"preflight refused {params.get('_path', v.name)} before step {steps[0]} "
+           f"({len(v.refusals)} reason(s); `quantbook preflight {params.get('_path', 'PARAMS')}` shows every check):\n"
+           + "\n".join(refusal_lines(v)))
+    if run_dir.is_dir() and not _locked(run_dir):
+        lock = _lock(run_dir)
+        try:
+            with open(run_dir / RUN_LOG, "a") as f:
+                f.write(f"{_now()} quantbook.runs ERROR {msg}\n")
+            m = load_manifest(run_dir)
+            if m is not None and m.get("run_id"):
+                m.setdefault("invocations", []).append(
+                    {"started": _now(), "ended": _now(), "argv": sys.argv, "steps": steps, "host": socket.gethostname(),
+                     "refused": [f"step {c['step']} {c['area']}: {c['item']}: {c['detail']}" for c in v.refusals]})
+                _save(run_dir, m)
+        finally:
+            _unlock(run_dir, lock)
+    raise RunError(msg)
+
+
+def refuse_finished_calibration(run_dir: Path) -> None:
+    """`quantbook quantize` into a run directory whose calibration finished would replace the amax its
+    export and records were made from: refused (a killed or failed one resumes or starts again)."""
+    from ..calibrate.driver import RESULT
+
+    if _locked(Path(run_dir)):
+        raise RunError(f"run directory {run_dir} is in use by a `quantbook run`")
+    rec = read_json(Path(run_dir) / RESULT)
+    if isinstance(rec, dict) and rec.get("status") == "done":
+        raise RunError(f"run directory {run_dir} holds a finished calibration ({RESULT}, done {rec.get('finished')}); "
+                       "a new one would replace its amax: pass another --run-id, export from it (quantbook export), "
+                       "or recalibrate it inside its chain (quantbook run PARAMS --redo 02)")
 
 
 def _decide(plan, manifest: dict, redo_names: set[str], run_id: str) -> list[tuple]:
@@ -510,13 +597,25 @@ def _run_step(pm, s: Step, values: dict, digest: str, run_dir: Path, manifest: d
     log.info("%s started: %s with %s", s.name, s.path, values)
     bar = {"desc": f"{s.name}: {s.title}", "unit": "cell", "leave": True} if progress else False
     error = None
+    from ..progress import ENV as PROGRESS_ENV
+
+    before = os.environ.get(PROGRESS_ENV)
+    os.environ[PROGRESS_ENV] = "lines"  # the kernel inherits it: text progress lines, not widgets frozen at 0%
     try:
         # no widget state saved: the HTML copy then shows an explorer's own image/png (its first view)
         # where nbconvert would otherwise emit a widget view that renders only with CDN access
+        # the kernel's own log (IPKernelApp: "running over TCP without encryption", "KeyboardInterrupt caught in
+        # kernel" at shutdown) only below CRITICAL: a kernel that dies is reported by the runner itself
         pm.execute_notebook(str(s.path), str(running), parameters=values, kernel_name=kernel,
-                            log_output=log_output, progress_bar=bar, cwd=os.getcwd(), store_widget_state=False)
+                            log_output=log_output, progress_bar=bar, cwd=os.getcwd(), store_widget_state=False,
+                            extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
     except BaseException as e:  # noqa: BLE001 - recorded, then re-raised
         error = e
+    finally:
+        if before is None:
+            os.environ.pop(PROGRESS_ENV, None)
+        else:
+            os.environ[PROGRESS_ENV] = before
     rec["end"] = _now()
     rec["duration_s"] = round(time.monotonic() - t0, 3)
     if running.exists():
@@ -559,7 +658,7 @@ def rehearse(params_path: str | Path, runs_dir: str | Path = "runs", run_id: str
     from ..preflight import preflight
 
     params = load_params(params_path)
-    verdict = preflight(params, run_dir=Path(runs_dir) / (run_id or params["name"]))
+    verdict = preflight(params, run_dir=run_dir_for(params, run_id, runs_dir))
     own = [c for c in verdict.refusals if c["area"] in ("release", "settings", "params", "model", "versions")]
     if own:
         raise RunError(f"{params['_path']}: refused before rehearsing (the params' own checks):\n  - " + "\n  - ".join(
@@ -579,6 +678,26 @@ def rehearse(params_path: str | Path, runs_dir: str | Path = "runs", run_id: str
                      log_output=log_output, progress=progress, echo=echo, rehearsal_of=record)
 
 
+def after_rehearsal(params_path: str | Path, manifest: dict, runs_dir: str | Path = "runs", run_id: str | None = None,
+                    machine=None) -> tuple[bool, list[str]]:
+    """What a passed rehearsal tells the user: (whether the real run may start HERE, the lines to print).
+
+    The rehearsal proves the code and settings; the real run also needs a machine that holds it. So
+    the real params are judged on this machine (`quantbook preflight`): "may start" only when that
+    passes; otherwise every reason it refuses, and where the real run must go instead."""
+    from ..preflight import preflight, refusal_lines
+
+    params = load_params(params_path)
+    cmd = f"quantbook run {params['_path']}" + (f" --run-id {run_id}" if run_id else "")
+    v = preflight(params, run_dir=run_dir_for(params, run_id, runs_dir), runs_dir=runs_dir, machine=machine)
+    digest = (manifest.get("rehearsal_of") or {}).get("digest")
+    if v.ok:
+        return True, [f"the real run may start: {cmd} (its manifest will name this rehearsal; params digest {digest})"]
+    return False, [f"the rehearsal passed (params digest {digest}), but the real run cannot start on this machine "
+                   f"({v.machine}): the preflight refuses it ({len(v.refusals)} reason(s)):", *refusal_lines(v),
+                   f"run `quantbook preflight {params['_path']}` on the machine meant for it (the node), then {cmd} there"]
+
+
 # -- listing -----------------------------------------------------------------------------------
 def _dur(seconds: float | None) -> str:
     if seconds is None:
@@ -588,13 +707,17 @@ def _dur(seconds: float | None) -> str:
 
 
 def list_runs(runs_dir: str | Path = "runs") -> list[dict]:
-    """One summary per run directory with a manifest, oldest first. A run recorded as running
+    """One summary per run directory a command made, oldest first: `quantbook run`'s (its manifest) and
+    the step commands' (`quantize`, `export`, `verify`: their records). A run recorded as running
     whose lock nobody holds is reported 'interrupted' (its process died)."""
     out = []
     root = Path(runs_dir)
     for d in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         m = load_manifest(d)
         if not m:
+            row = _step_cli_run(d)
+            if row:
+                out.append(row)
             continue
         status = m.get("status", "?")
         if status == "running" and not _locked(d):
@@ -605,9 +728,12 @@ def list_runs(runs_dir: str | Path = "runs") -> list[dict]:
         if failed:
             k, v = failed[-1]
             e = v.get("error", {})
-            note = f"{k}: {e.get('ename') or e.get('type', '')}: {e.get('message', '')}".strip()[:100]
-            if e.get("cell"):
-                note = f"{k} cell {e['cell']}: {e.get('ename') or e.get('type', '')}: {e.get('message', '')}"[:100]
+            where = f"{k} cell {e['cell']}" if e.get("cell") else k
+            note = f"{where}: {e.get('ename') or e.get('type', '')}: {e.get('message', '')}"
+        refused = (m.get("invocations") or [{}])[-1].get("refused")
+        if refused:
+            note = f"refused by the preflight ({len(refused)} reason(s)): {refused[0]}"
+        note = " ".join(note.split())[:100]  # one line a run: a message's line breaks would break the table
         gate = next((v["fidelity"] for v in steps.values() if v.get("fidelity")), None)
         out.append({"run_id": m.get("run_id", d.name), "status": status, "created": m.get("created"),
                     "fidelity": gate,
@@ -615,6 +741,41 @@ def list_runs(runs_dir: str | Path = "runs") -> list[dict]:
                     "steps": {k: v.get("status") for k, v in sorted(steps.items())},
                     "duration_s": sum(v.get("duration_s") or 0 for v in steps.values()) or None, "note": note})
     return sorted(out, key=lambda r: r["created"] or "")
+
+
+# what the step commands leave in a run directory they made (no manifest: `quantbook run` writes that)
+STEP_RECORDS = (("02_quantize", "quantize.json"), ("03_export", "export.json"), ("verify", "verify.json"))
+
+
+def _step_cli_run(d: Path) -> dict | None:
+    """A run directory made by `quantbook quantize` / `export` / `verify` alone: a row from their records."""
+    import datetime as _dt
+
+    steps, times, note, seconds = {}, [], "", 0.0
+    for name, file in STEP_RECORDS:
+        rec = read_json(d / file)
+        if not isinstance(rec, dict):
+            continue
+        if name == "verify":
+            status = {"pass": "complete", "fail": "failed"}.get(rec.get("verdict"), rec.get("verdict") or "?")
+            started = _dt.datetime.fromtimestamp((d / file).stat().st_mtime).astimezone().isoformat(timespec="seconds")
+            seconds += rec.get("elapsed_s") or 0
+        else:
+            status = {"done": "complete"}.get(rec.get("status"), rec.get("status") or "?")
+            started = rec.get("started")
+            seconds += rec.get("seconds") or sum((rec.get("timings") or {}).values()) or 0
+        steps[name] = status
+        times.append(started or "")
+        if status not in ("complete", "running") and not note:
+            note = f"{name}: {rec.get('error') or rec.get('summary') or status}"
+    if not steps:
+        return None
+    states = set(steps.values())
+    status = "failed" if states & {"failed", "fail"} else "running" if "running" in states else \
+        "complete" if states == {"complete"} else sorted(states - {"complete"})[0]
+    return {"run_id": d.name, "status": status, "created": min(times) or None, "updated": max(times) or None,
+            "path": str(d), "steps": steps, "duration_s": round(seconds, 3) or None,
+            "note": " ".join(f"(step commands, no manifest) {note}".split())[:100]}
 
 
 def format_runs(rows: list[dict]) -> str:

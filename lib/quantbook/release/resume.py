@@ -112,7 +112,7 @@ def run_shards(dst: Path, manifest_name: str, fresh: dict, jobs: list[Job], work
     files written after the shards (index, configs), removed first so a directory that holds them
     is never one whose shards are being rewritten.
     """
-    from tqdm.auto import tqdm
+    from ..progress import tqdm
 
     dst.mkdir(parents=True, exist_ok=True)
     for stale in [*dst.glob("*.partial"), *dst.glob(atomic.TEMP_GLOB)]:  # left by a killed run
