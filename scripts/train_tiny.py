@@ -48,7 +48,6 @@ with the same thread count: `--repro-check 20` first trains 20 steps twice (fake
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -571,17 +570,11 @@ def load_release(path: str | Path, work: str | Path) -> Tiny:
     return tiny
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ------------------------------------------------------------------------------------------ main
 
 def main(argv=None) -> int:
+    from quantbook.release.shards import file_sha256
+
     a = parse_args(argv)
     import torch
     import transformers
@@ -697,7 +690,7 @@ def main(argv=None) -> int:
                         f"random_make_tiny_seed{a.seed}": _rounded(rnd)},
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "python": platform.python_version(), "machine": platform.machine()},
-            "files": {p.name: sha256(p) for p in sorted(out.iterdir()) if p.is_file()},
+            "files": {p.name: file_sha256(p) for p in sorted(out.iterdir()) if p.is_file()},
         }
         atomic.write_json(a.record, record)
         print(f"record written: {a.record}")

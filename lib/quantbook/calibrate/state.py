@@ -371,11 +371,9 @@ def post_calibration(model, run_dir: str | Path, q: dict, ledger: "patches.Ledge
 # cheap state save / restore
 
 def _file_record(path: Path) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+    from ..release.shards import file_sha256
+
+    return {"size": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def save_cheap_state(model, state_dir: str | Path, *, q: dict | None = None, model_path: str | None = None,

@@ -253,6 +253,17 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in 16 MiB pieces (what records name a file by)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 class Checkpoint:
     """A safetensors checkpoint directory read through headers and byte ranges only."""
 

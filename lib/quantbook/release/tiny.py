@@ -16,7 +16,6 @@ checking every file against the record; a `tiny:` section with `trained: true` a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -31,7 +30,7 @@ from .format import (
     FLASH_CONFIG, FP4_GROUP, FP4_WEIGHT, FP8_BLOCK, FP8_WEIGHT, SCALE, TensorSpec, load_config, named_config,
     scale_of_weight, shard_groups, shard_name,
 )
-from .shards import INDEX_NAME, ShardWriter
+from .shards import INDEX_NAME, ShardWriter, file_sha256
 
 # Dimensions that transformers' deepseek_v4 accepts (../shared/docs/deepseek-v4-format.md).
 TINY_DIMS = dict(
@@ -219,14 +218,6 @@ def trained_record() -> dict:
         raise FormatError(f"{TRAINED_RECORD}: missing (the trained tiny release is not in this installation)") from None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_trained(directory: str | Path | None = None) -> dict:
     """Check the trained release (or a copy of it) against TRAINING.json: the same files, each with
     its sha256. Returns {file name: sha256}; raises FormatError naming the first difference."""
@@ -237,7 +228,7 @@ def verify_trained(directory: str | Path | None = None) -> dict:
     if missing or extra:
         raise FormatError(f"{directory}: files missing {missing}, not in TRAINING.json {extra}")
     for name in sorted(want):
-        got = _sha256(directory / name)
+        got = file_sha256(directory / name)
         if got != want[name]:
             raise FormatError(f"{directory / name}: sha256 {got[:16]}... but TRAINING.json says {want[name][:16]}...")
     return dict(want)
