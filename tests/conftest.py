@@ -71,17 +71,11 @@ def tiny_bf16(tiny_src, tmp_path_factory):
     return Path(shared(tmp_path_factory, "tiny_bf16", build))
 
 
-@pytest.fixture(scope="session")
-def tiny_chain(tmp_path_factory):
-    """The README's main command on the embedded tiny default, once per session: the repository's
-    `params/tiny.yaml` with its paths moved under a temporary directory, the release its `tiny:`
-    section builds (the packaged trained tiny), the calibration and held-out text written for the
-    tests, and step 02 asked for modelopt's generic export too (`export_generic: true`, off by
-    default); notebooks 01 -> 04 through papermill (step 03 ends with the fidelity gate). Read-only
-    for the tests that share it.
-
-    Returns the paths: params, runs, run_dir, src, bf16, generic (step 02's modelopt export),
-    export (step 03's v4-serving layout), calib, and the chain's manifest and quantize record."""
+def _chain(tmp_path_factory, name: str, tiny_src: Path | None):
+    """`params/tiny.yaml`'s chain with its paths under a temporary directory, built once per test run:
+    on the packaged trained tiny its `tiny:` section builds (`tiny_src` None: the README's command,
+    the fidelity gate on), or on `tiny_src` (random weights, step 02's generic export too, the gate's
+    numbers recorded without its thresholds)."""
     import yaml
 
     from quantbook.params import load_params
@@ -89,15 +83,21 @@ def tiny_chain(tmp_path_factory):
     from quantbook.release.tiny import build_if_missing
     from quantize_support import write_calib
 
+    trained = tiny_src is None
+
     def build(base):
         text = (REPO / "params" / "tiny.yaml").read_text()
         assert "work/tiny/" in text and "work/calib/english.jsonl" in text
         raw = yaml.safe_load(text.replace("work/tiny/", f"{base}/tiny/").replace("work/calib/", f"{base}/calib/"))
-        raw["quantize"]["export_generic"] = True  # the tests compare modelopt's generic export with step 03's
         src = Path(raw["dequant"]["source"])
         src.parent.mkdir(parents=True)
-        assert raw["tiny"].get("trained"), "the embedded default is the trained tiny"
-        build_if_missing(src, raw["tiny"])
+        if trained:
+            assert raw["tiny"].get("trained"), "the embedded default is the trained tiny"
+            build_if_missing(src, raw["tiny"])
+        else:  # random weights: the gate's numbers mean nothing, it runs and records them ungated
+            shutil.copytree(tiny_src, src)
+            raw["quantize"]["export_generic"] = True  # the tests compare modelopt's generic export with step 03's
+            raw["export"]["fidelity"]["gate"] = False
         params = base / "tiny.yaml"
         params.write_text(yaml.safe_dump(raw, sort_keys=False))
         calib = write_calib(base / "calib" / "english.jsonl")
@@ -111,9 +111,27 @@ def tiny_chain(tmp_path_factory):
                 "calib": calib, "q": p["quantize"], "manifest": manifest,
                 "record": json.loads((run_dir / "quantize.json").read_text())}
 
-    value = shared(tmp_path_factory, "chain", build)
+    value = shared(tmp_path_factory, name, build)
     paths = ("params", "runs", "run_dir", "src", "bf16", "generic", "export", "calib")
     return {k: Path(v) if k in paths else v for k, v in value.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_chain(tiny_src, tmp_path_factory):
+    """The README's main command, on the random tiny `tiny_src` (the tests that compare the chain's
+    files with `tiny_src` / `tiny_bf16` share it), with modelopt's generic export asked for too
+    (`export_generic: true`, off by default) and the fidelity gate not applied (random weights: its
+    numbers are recorded, they mean nothing); notebooks 01 -> 04 through papermill. Read-only.
+
+    Returns the paths: params, runs, run_dir, src, bf16, generic (step 02's modelopt export),
+    export (step 03's v4-serving layout), calib, and the chain's manifest and quantize record."""
+    return _chain(tmp_path_factory, "chain", tiny_src)
+
+
+@pytest.fixture(scope="session")
+def trained_chain(tmp_path_factory):
+    """The README's main command exactly: the packaged trained tiny, the fidelity gate on. Read-only."""
+    return _chain(tmp_path_factory, "trained_chain", None)
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ def pro_params(base: Path, release: Path, calib: Path | None = None, driver: str
         p["quantize"]["hf_ptq"]["pyt_ckpt_path"] = p["export"]["reference"] = p["dequant"]["destination"]
     if calib is not None:
         p["quantize"]["hf_ptq"].update(dataset=str(calib), calib_size=128)
+        p["export"]["fidelity"]["text"] = None  # the held-out file beside it (calib_file writes one)
     for where, values in sections.items():
         node = p
         for part in where.split("."):
@@ -47,10 +48,14 @@ def write_params(p: dict, path: Path) -> Path:
 
 
 def calib_file(path: Path, rows: int = 130) -> Path:
-    """Made-up calibration text, one {"text"} a line."""
+    """Made-up calibration text, one {"text"} a line, and its held-out sibling (the fidelity gate's)."""
+    from quantbook.calibrate.data import heldout_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"text": f"sample {i}: the router sends tokens to experts."}) + "\n"
                             for i in range(rows)))
+    heldout_path(path).write_text("".join(json.dumps({"text": f"held out {i}: the gate reads these, never "
+                                                               "the calibration."}) + "\n" for i in range(rows)))
     return path
 
 

@@ -23,8 +23,8 @@ LAYER = 2  # the layer the corruptions break (a score-routed layer of the tiny)
 
 
 @pytest.fixture(scope="module")
-def chain(tiny_chain):
-    return tiny_chain
+def chain(trained_chain):
+    return trained_chain
 
 
 def _settings(chain, **over) -> dict:

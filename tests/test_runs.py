@@ -239,7 +239,7 @@ def test_cli_run_failure_exit_code_and_runs_listing(tmp_path):
         assert noise not in r.stderr, noise
     out = subprocess.run(QUANTBOOK + ["runs", "--runs-dir", str(tmp_path / "runs")], capture_output=True, text=True)
     assert out.returncode == 0
-    assert out.stdout.splitlines()[0].split() == ["RUN", "STATUS", "STEPS", "CREATED", "STEP", "TIME", "NOTE"]
+    assert out.stdout.splitlines()[0].split() == ["RUN", "STATUS", "STEPS", "CREATED", "STEP", "TIME", "FIDELITY", "NOTE"]
     assert "t  " in out.stdout and "failed" in out.stdout and "01:ok 02:FAILED" in out.stdout
 
 

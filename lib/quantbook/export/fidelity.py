@@ -476,7 +476,7 @@ def evaluate(export: str | Path, source: str | Path, settings: dict | None = Non
     ev = Evaluation(export, source, s, tokens)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import tqdm
 
         bar = tqdm(total=len(ev.blocks), desc="eval blocks", unit="block")
     try:

@@ -49,6 +49,8 @@ PATH_KEYS = (("dequant", "source"), ("dequant", "destination"), ("quantize.hf_pt
 DEVICE_KEYS = (("dequant", "device"), ("quantize.hf_ptq", "device"), ("export", "device"), ("export.fidelity", "device"))
 DATA_KEYS = (("quantize.hf_ptq", "dataset"), ("quantize.hf_ptq", "calib_size"), ("quantize.hf_ptq", "calib_seq"))
 DROPPED_KEYS = (("inspect", "compare_run_dir"), ("quantize", "hf_ptq_dir"))  # another run's amax; a checkout's path
+GATE_KEYS = (("export.fidelity", "gate"), ("export.fidelity", "text"),  # random weights: measured, not gated
+             ("export.fidelity", "samples"), ("export.fidelity", "seq"))
 
 
 def default_notebooks_dir() -> Path:
@@ -115,10 +117,12 @@ def needed(params: dict) -> tuple[bool, str]:
 def kept(params: dict) -> dict:
     """The params as a rehearsal keeps them: without name, tiny:, and the keys it changes."""
     out = copy.deepcopy({k: v for k, v in params.items() if k in SECTIONS and k not in ("name", "tiny")})
-    for where, key in PATH_KEYS + DEVICE_KEYS + DATA_KEYS + DROPPED_KEYS:
+    for where, key in PATH_KEYS + DEVICE_KEYS + DATA_KEYS + DROPPED_KEYS + GATE_KEYS:
         sec = _section(out, where)
         if sec is not None:
             sec.pop(key, None)
+    if (out.get("export") or {}).get("fidelity") == {}:
+        out["export"].pop("fidelity")
     return out
 
 
@@ -310,6 +314,11 @@ def prepare(params: dict, run_dir: str | Path, calib_file: str | Path = DEFAULT_
                         "why": "the rehearsal's tiny has random weights: the gate runs and records its numbers, "
                                "which mean nothing there, without applying its thresholds"})
         fid["gate"] = False
+        for key, most in (("samples", 16), ("seq", 64)):  # as the calibration: minutes on the tiny model
+            if fid.get(key, 10**9) > most:
+                changes.append({"key": f"export.fidelity.{key}", "from": fid.get(key), "to": most,
+                                "why": f"at most {most} on the tiny model, as the calibration"})
+                fid[key] = most
         if fid.get("text"):
             changes.append({"key": "export.fidelity.text", "from": fid["text"], "to": None,
                             "why": "the held-out text beside the rehearsal's calibration file"})
