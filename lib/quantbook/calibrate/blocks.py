@@ -227,6 +227,23 @@ def first_streams(cfg, embeds):
     return embeds.unsqueeze(2).expand(-1, -1, cfg.hc_mult, -1).contiguous()
 
 
+def sync(device) -> None:
+    """Wait for the device's queued work (a CUDA device; nothing on CPU), so timings and frees are real."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def release_layer(module) -> None:
+    """Free a layer's weights now, whatever still refers to the module (modelopt's wrappers keep
+    reference cycles that only a full garbage collection, ~0.5 s, would break)."""
+    import torch
+
+    for t in [*module.parameters(), *module.buffers()]:
+        t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+
+
 class ReadAhead:
     """Reads blocks' bytes in a thread: the next block is read while this one computes.
 

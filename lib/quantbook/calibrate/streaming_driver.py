@@ -258,13 +258,6 @@ def _give_back_gpu_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def calibrate_blocks(job: dict, rank: int, world: int, memory=None, progress: bool = True) -> dict:
     """One process's part of the run: every block not yet saved, in order. Returns its timeline.
 
@@ -394,7 +387,7 @@ class _Process:
 
         from ..records.memory import host_rss
 
-        _sync(self.device)
+        blocks.sync(self.device)
         timing["total_s"] = round(time.perf_counter() - self._t0, 4)
         if self.device.type == "cuda":
             timing["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
@@ -408,7 +401,7 @@ class _Process:
         t0 = time.perf_counter()
         state_dict = blocks.block_state_dict(raw, block, self.table[block], self.raw_cfg, self.device)
         layer = blocks.build_layer(DeepseekV4DecoderLayer, self.cfg, i, state_dict, self.device)
-        _sync(self.device)
+        blocks.sync(self.device)
         dequant_s = time.perf_counter() - t0
         kwargs = self.kwargs
         result = _calibrate(self.cfg, f"model.layers.{i}", layer, self.streams, lambda j: kwargs[j], self.quant_cfg,
@@ -424,7 +417,7 @@ class _Process:
         state_dict = blocks.block_state_dict(raw, mtp.MTP_BLOCK, self.table[mtp.MTP_BLOCK], self.raw_cfg,
                                              self.device, extra=mtp.EXTRA_NAMES)
         layer = blocks.build_layer(mtp.mtp_layer_class(), mcfg, n, state_dict, self.device)
-        _sync(self.device)
+        blocks.sync(self.device)
         dequant_s = time.perf_counter() - t0
         inputs, kwargs = [], []
         for x, i, m, e in zip(self.streams, self.ids, self.masks, self.embeds):
@@ -469,7 +462,7 @@ def _calibrate(cfg, path: str, layer, inputs: list, kwargs_of, quant_cfg: dict, 
                 y = target(x, **kwargs_of(j))
                 if keep:
                     outputs.append(y)
-        _sync(device)
+        blocks.sync(device)
         t["forward_s"] = round(time.perf_counter() - t0, 4)
 
     counter = ExpertTokenCounter(host)
@@ -478,7 +471,7 @@ def _calibrate(cfg, path: str, layer, inputs: list, kwargs_of, quant_cfg: dict, 
         mtq.quantize(host, local_max(quant_cfg), forward_loop=forward_loop)
     finally:
         counter.remove()
-    _sync(device)
+    blocks.sync(device)
     t1 = time.perf_counter()
     t["calibrate_s"] = round(t1 - t0, 4)
     quantizers = list(state.iter_quantizers(host))
@@ -493,20 +486,11 @@ def _calibrate(cfg, path: str, layer, inputs: list, kwargs_of, quant_cfg: dict, 
     problems = {name: p for name in enabled if (p := amax_problem(tensors[f"{name}._amax"]))}
     summary = [f"{rename(name):80} {q}" for name, q in quantizers]
     counts = {rename(k): v for k, v in counter.as_dict().items()}
-    _release(host)
+    blocks.release_layer(host)
     del host, layer, quantizers
     t["record_s"] = round(time.perf_counter() - t1, 4)
     return {"outputs": outputs, "amax": tensors, "counts": counts, "summary": summary, "enabled": enabled,
             "problems": problems, "quantizers": len(summary), "timing": t}
-
-
-def _release(module) -> None:
-    """Free a calibrated layer's weights now, whatever still refers to the module (modelopt's
-    wrappers keep reference cycles that only a full garbage collection, ~0.5 s, would break)."""
-    import torch
-
-    for t in [*module.parameters(), *module.buffers()]:
-        t.data = torch.empty(0, dtype=t.dtype, device=t.device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -201,13 +201,6 @@ def _relative(a: list, b: list) -> float:
     return math.sqrt(num / den) if den else math.sqrt(num)
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Evaluation:
     """The block loop of `evaluate` (one instance per evaluation)."""
 
@@ -317,7 +310,7 @@ class Evaluation:
             layer, cfg = self._layer(side, block, raw, candidate)
             del raw
             side.reader.release(block)
-            _sync(self.device)
+            blocks.sync(self.device)
             t2 = time.perf_counter()
             if block == mtp.MTP_BLOCK:  # the join takes each model's own embeddings of the next tokens
                 (ref_in, ref_kw), (own_in, own_kw) = self._mtp_inputs(self.ref, cfg), self._mtp_inputs(side, cfg)
@@ -331,10 +324,10 @@ class Evaluation:
                 head = self.ref.head if not candidate else self.cand.head
                 outs[("top", candidate)] = [head.logits(y, hc=layer.hc_head, norm=layer.norm).argmax(-1)
                                             for y in outs[candidate]]
-            _sync(self.device)
+            blocks.sync(self.device)
             timing[f"{'candidate' if candidate else 'reference'}_build_s"] = round(t2 - t1, 4)
             timing[f"{'candidate' if candidate else 'reference'}_forward_s"] = round(time.perf_counter() - t2, 4)
-            blocks_release_layer(layer)
+            blocks.release_layer(layer)
             del layer
         row = {"block": block, "routed_rel_err": _relative(outs[("routed", True)], outs[("routed", False)]),
                "local_rel_err": _relative(outs["local"], outs[False]),
@@ -384,14 +377,6 @@ class Evaluation:
     def close(self) -> None:
         for side in (self.ref, self.cand):
             side.reader.close()
-
-
-def blocks_release_layer(layer) -> None:
-    """Free a layer's tensors now (the streaming driver's rule: references may outlive the module)."""
-    import torch
-
-    for t in [*layer.parameters(), *layer.buffers()]:
-        t.data = torch.empty(0, dtype=t.dtype, device=t.device)
 
 
 def logit_numbers(nll_ref, nll_cand, kld, same, dp) -> dict:
