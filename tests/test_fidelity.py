@@ -117,6 +117,42 @@ def test_w4a16_with_the_lossless_carry_is_the_release_exactly(chain):
     assert r["numbers"]["mtp"]["top1_agreement"] == 1.0
 
 
+def test_same_non_expert_bytes():
+    """Routed experts aside, the same names, dtypes, shapes and bytes; any difference is seen."""
+    import torch
+
+    base = {"layers.1.attn.wq_a.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4),
+            "layers.1.attn_norm.weight": torch.ones(4, dtype=torch.bfloat16),
+            "layers.1.ffn.gate.bias": torch.tensor(0.5)}
+    experts_r = {"layers.1.ffn.experts.0.w1.weight": torch.zeros(2, 2, dtype=torch.int8),
+                 "layers.1.ffn.experts.0.w1.scale": torch.zeros(2, 1, dtype=torch.uint8)}
+    experts_e = {"layers.1.ffn.experts.0.w1.weight": torch.ones(2, 1, dtype=torch.uint8),
+                 "layers.1.ffn.experts.0.w1.input_scale": torch.tensor(1.0)}
+    copy = {k: v.clone() for k, v in base.items()}
+    assert fidelity.same_non_expert_bytes({**base, **experts_r}, {**copy, **experts_e}, "layers.1")
+    flipped = {**copy, "layers.1.attn_norm.weight": torch.tensor([1, 1, 1, 1.0078125], dtype=torch.bfloat16)}
+    retyped = {**copy, "layers.1.attn_norm.weight": torch.ones(2, dtype=torch.float32)}  # same 8 bytes
+    renamed = {("layers.1.ffn.gate.e_score_correction_bias" if k.endswith("gate.bias") else k): v for k, v in copy.items()}
+    for other in (flipped, retyped, renamed, {k: v for k, v in copy.items() if "wq_a" not in k}):
+        assert not fidelity.same_non_expert_bytes(base, other, "layers.1")
+
+
+def test_block_own_error_from_the_experts_alone(chain, monkeypatch):
+    """With the block's other bytes identical (quantbook's export), its own error comes from the routed
+    experts' outputs without a second run of the block; forced down the general route (the whole
+    candidate block on the release's inputs), the same per-block numbers up to the BF16 rounding of
+    the block's output, which the general route counts and the direct one does not."""
+    fast = _eval(chain, chain["export"], samples=4)
+    assert all(b["other_bytes_identical"] for b in fast["blocks"])
+    monkeypatch.setattr(fidelity, "same_non_expert_bytes", lambda *a: False)
+    slow = _eval(chain, chain["export"], samples=4)
+    assert not any(b["other_bytes_identical"] for b in slow["blocks"])
+    assert fast["numbers"] == slow["numbers"]
+    for f, s in zip(fast["blocks"], slow["blocks"]):
+        assert (f["routed_rel_err"], f["stream_rel_err"]) == (s["routed_rel_err"], s["stream_rel_err"])
+        assert abs(f["local_rel_err"] - s["local_rel_err"]) <= 0.1 * s["local_rel_err"] + 1e-4, (f, s)
+
+
 def test_w4a4_error_is_small_and_spread(chain):
     """W4A4 (activations NVFP4): a small nonzero error in every main layer's routed experts, none an
     outlier; the MTP block's released MXFP4 experts, as SGLang reads them (BF16 activations), exact."""

@@ -168,24 +168,32 @@ def _dims(config) -> tuple[int, int, int, float, str]:
     return c.num_local_experts, c.hidden_size, c.intermediate_size, c.swiglu_limit, c.hidden_act
 
 
+IMPLEMENTATIONS = ("eager", "grouped_mm")  # transformers' experts implementations both models use
+
+
 class EngineExperts(nn.Module):
     """transformers' `DeepseekV4Experts` as the engines compute it from an export's bytes.
 
     Holds per-expert decoded weights in BF16, `gate_up_proj [E, 2I, H]` (w1 rows, then w3 rows) and
-    `down_proj [E, H, I]`, the layer's w13 and w2 input scales (0-d fp32) and the mode. The forward
-    is transformers' eager loop (experts in ascending order, tokens as its one-hot mask orders them,
-    `index_add_` into a zero tensor, the SwiGLU clamp at `swiglu_limit`), with each `F.linear` input
-    quant-dequantized (`w4a4`) and cast back to the activation dtype, where modelopt's fused-experts
-    input quantizers act. In mode `w4a16` with the same BF16 weights it is `DeepseekV4Experts`
-    bit for bit."""
+    `down_proj [E, H, I]`, the layer's w13 and w2 input scales (0-d fp32) and the mode. In mode
+    `w4a4` each `F.linear` input is quant-dequantized and cast back to the activation dtype, where
+    modelopt's fused-experts input quantizers act: the w13 input once per token (one scale per layer,
+    so a token's blocks quantize alike for every expert it goes to), the w2 input in `_apply_gate`.
+    The rest is transformers' own forward for `implementation` (`grouped_mm_experts_forward`, or its
+    eager loop: experts in ascending order, tokens as its one-hot mask orders them, `index_add_` into
+    a zero tensor), with the SwiGLU clamp at `swiglu_limit`; so in mode `w4a16` with the same BF16
+    weights it is `DeepseekV4Experts` of that implementation bit for bit."""
 
     def __init__(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, input_scale_w13=None,
-                 input_scale_w2=None, mode: str = "w4a4", swiglu_limit: float = 10.0, hidden_act: str = "silu"):
+                 input_scale_w2=None, mode: str = "w4a4", swiglu_limit: float = 10.0, hidden_act: str = "silu",
+                 implementation: str = "eager"):
         from transformers.activations import ACT2FN
 
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: one of {MODES}")
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation {implementation!r}: one of {IMPLEMENTATIONS}")
         if mode == "w4a4" and (input_scale_w13 is None or input_scale_w2 is None):
             raise ValueError("mode w4a4 needs the layer's w13 and w2 input scales")
         self.num_experts, _, self.hidden_dim = gate_up_proj.shape
@@ -198,39 +206,49 @@ class EngineExperts(nn.Module):
         self.register_buffer("input_scale_w2", one if input_scale_w2 is None else
                              torch.as_tensor(input_scale_w2, dtype=torch.float32).reshape(()).to(one.device))
         self.mode, self.limit, self.act_fn = mode, swiglu_limit, ACT2FN[hidden_act]
+        self.implementation = implementation
+        # what transformers' `grouped_mm_experts_forward` reads off the module it runs as
+        self.has_gate, self.has_bias, self.is_transposed, self.has_post_expert_norm = True, False, False, False
+        self._is_expert_parallel = False
 
     def _quant(self, x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
         return quantize_activation(x, input_scale, self.mode).to(x.dtype)
 
     def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """SwiGLU with transformers' clamp, then the w2 input's quant-dequant."""
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.act_fn(gate.clamp(max=self.limit)) * up.clamp(min=-self.limit, max=self.limit)
+        h = self.act_fn(gate.clamp(max=self.limit)) * up.clamp(min=-self.limit, max=self.limit)
+        return self._quant(h, self.input_scale_w2)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        final = torch.zeros_like(hidden_states)
+        x = self._quant(hidden_states, self.input_scale_w13)
+        if self.implementation == "grouped_mm":
+            from transformers.integrations.moe import grouped_mm_experts_forward
+
+            return grouped_mm_experts_forward(self, x, top_k_index, top_k_weights)
+        final = torch.zeros_like(x)
         for e in top_k_index.unique().tolist():  # ascending, as transformers' `hit`
             if not 0 <= e < self.num_experts:
                 continue
             top_k_pos, token_idx = torch.where(top_k_index.T == e)  # transformers' mask[e]: [top_k, tokens]
-            x = self._quant(hidden_states[token_idx], self.input_scale_w13)
-            h = self._apply_gate(F.linear(x, self.gate_up_proj[e]))
-            y = F.linear(self._quant(h, self.input_scale_w2), self.down_proj[e])
-            y = y * top_k_weights[token_idx, top_k_pos, None]
+            h = self._apply_gate(F.linear(x[token_idx], self.gate_up_proj[e]))
+            y = F.linear(h, self.down_proj[e]) * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, y.to(final.dtype))
         return final
 
     @classmethod
-    def from_export(cls, tensors: dict, block: str, config, mode: str = "w4a4", device="cpu") -> "EngineExperts":
+    def from_export(cls, tensors: dict, block: str, config, mode: str = "w4a4", device="cpu",
+                    implementation: str = "eager") -> "EngineExperts":
         """From a block's export tensors in the four-tensor NVFP4 form (`layers.3.ffn.experts.5.w1.weight`,
         `.weight_scale`, `.weight_scale_2`, `.input_scale`), read as the engines read main layers."""
-        return _assemble(tensors, block, config, _read_nvfp4, mode, device)
+        return _assemble(tensors, block, config, _read_nvfp4, mode, device, implementation)
 
     @classmethod
-    def from_mxfp4(cls, tensors: dict, block: str, config, device="cpu") -> "EngineExperts":
+    def from_mxfp4(cls, tensors: dict, block: str, config, device="cpu", implementation: str = "eager") -> "EngineExperts":
         """From a block's experts in the release's MXFP4 form (`.weight` + `.scale`), decoded exactly,
         activations BF16 (SGLang's MXFP4 MoE path)."""
-        return _assemble(tensors, block, config, _read_mxfp4, "w4a16", device)
+        return _assemble(tensors, block, config, _read_mxfp4, "w4a16", device, implementation)
 
 
 def _get(tensors: dict, name: str) -> torch.Tensor:
@@ -248,7 +266,7 @@ def _read_mxfp4(tensors: dict, p: str, device):
     return decode_mxfp4(_get(tensors, f"{p}.weight").to(device), _get(tensors, f"{p}.scale").to(device)), None
 
 
-def _assemble(tensors: dict, block: str, config, read, mode: str, device) -> EngineExperts:
+def _assemble(tensors: dict, block: str, config, read, mode: str, device, implementation: str = "eager") -> EngineExperts:
     """Decode every expert projection of `block` with `read(tensors, prefix, device) -> (fp32 weight,
     input_scale or None)` into the fused BF16 tensors, and take the layer's input scales."""
     E, H, inter, limit, act = _dims(config)
@@ -263,7 +281,8 @@ def _assemble(tensors: dict, block: str, config, read, mode: str, device) -> Eng
             if s is not None:
                 scales[key].append(s)
     ins = [layer_input_scales(scales[k]) if scales[k] else None for k in ("w13", "w2")]
-    return EngineExperts(fused["gate_up_proj"], fused["down_proj"], *ins, mode=mode, swiglu_limit=limit, hidden_act=act)
+    return EngineExperts(fused["gate_up_proj"], fused["down_proj"], *ins, mode=mode, swiglu_limit=limit, hidden_act=act,
+                         implementation=implementation)
 
 
 # ----------------------------------------------------------------------------- how each engine reads a block
@@ -311,7 +330,7 @@ def _read_nvfp4_as_mxfp4(tensors: dict, p: str, device):
 
 
 def engine_reads(tensors: dict, block: str, form: str, engine: str, config, mode: str = "w4a4",
-                 device="cpu") -> EngineExperts:
+                 device="cpu", implementation: str = "eager") -> EngineExperts:
     """`block`'s routed experts as `engine` computes them, the tensors stored in `form`.
 
     `form`: `nvfp4` (four tensors per projection) or `mxfp4` (the release's `.weight` I8 + `.scale`
@@ -329,13 +348,13 @@ def engine_reads(tensors: dict, block: str, form: str, engine: str, config, mode
         raise ValueError(f"form {form!r}: one of {FORMS}")
     built = engine_builds(engine, block)
     if form == built == "nvfp4":
-        return EngineExperts.from_export(tensors, block, config, mode, device)
+        return EngineExperts.from_export(tensors, block, config, mode, device, implementation)
     if form == built == "mxfp4":
-        return EngineExperts.from_mxfp4(tensors, block, config, device)
+        return EngineExperts.from_mxfp4(tensors, block, config, device, implementation)
     if built == "nvfp4":
-        return _assemble(tensors, block, config, _read_mxfp4_as_nvfp4, mode, device)
-    return _assemble(tensors, block, config, _read_nvfp4_as_mxfp4, "w4a16", device)
+        return _assemble(tensors, block, config, _read_mxfp4_as_nvfp4, mode, device, implementation)
+    return _assemble(tensors, block, config, _read_nvfp4_as_mxfp4, "w4a16", device, implementation)
 
 
-__all__ = ["decode_nvfp4", "decode_mxfp4", "e2m1_round", "quantize_activation", "layer_input_scales",
+__all__ = ["IMPLEMENTATIONS", "decode_nvfp4", "decode_mxfp4", "e2m1_round", "quantize_activation", "layer_input_scales",
            "EngineExperts", "engine_builds", "engine_reads", "vllm_scale_from_e8m0", "MODES", "ENGINES", "FORMS"]

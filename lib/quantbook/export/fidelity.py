@@ -13,9 +13,13 @@ through two models, block by block, one block on the device at a time:
                 Hopper); every other tensor from the export's own bytes
 
 For each block (`blocks.ReadAhead` reads the next one of each checkpoint meanwhile; each byte is
-read once) the reference layer runs on the reference streams, then the candidate layer runs on the
-candidate streams (what serving computes: errors compound) and on the reference streams (its own
-error, `local`: a broken layer stands out there, whatever came before it). After the last layer both
+read once) the reference layer runs on the reference streams, what its routed experts are given kept
+(`Seen`); then the candidate layer on the candidate streams (what serving computes: errors compound),
+and the candidate's routed experts alone on what the reference's were given: their own error, in which
+a broken layer stands out whatever came before it. The block's own error follows from that when the
+block's other tensors are byte-identical to the release's (`same_non_expert_bytes`: quantbook's exports);
+otherwise the candidate's whole block runs on the reference's inputs as well. Both models' routed
+experts run as transformers' grouped GEMMs (one GEMM a projection, not a loop of 384). After the last layer both
 heads give logits, compared in llama.cpp's `perplexity --kl-divergence` convention: PPL of each and
 their ratio, KLD mean / median / 99th / 99.9th percentile / max, same top token %, mean and RMS of
 the change in the correct token's probability. The MTP block (token t+2 from h_t and the embedding of
@@ -201,10 +205,62 @@ def _relative(a: list, b: list) -> float:
     return math.sqrt(num / den) if den else math.sqrt(num)
 
 
+def same_non_expert_bytes(release: dict, export: dict, block: str) -> bool:
+    """Whether every tensor of `block` but its routed experts is stored alike in both checkpoints:
+    the same names, dtypes, shapes and bytes (then the candidate's attention, router and shared
+    experts compute what the release's do, bit for bit, and only the routed experts can differ)."""
+    import torch
+
+    experts = f"{block}.ffn.experts."
+    names = {n for n in release if not n.startswith(experts)}
+    if names != {n for n in export if not n.startswith(experts)}:
+        return False
+    for n in names:
+        a, b = release[n], export[n]
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        if not torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)):
+            return False
+    return True
+
+
+class Seen:
+    """What a layer's routed experts were given and gave back on each batch, and the weights `post`
+    its `ffn_hc` spreads the MoE output over the hidden streams with (forward hooks)."""
+
+    def __init__(self):
+        self.args: list = []  # (hidden [N, H], top_k_index [N, k], top_k_weights [N, k]) a batch
+        self.routed: list = []  # the experts' output [N, H] a batch
+        self.post: list = []  # [B, T, hc] fp32 a batch
+
+    def attach(self, layer) -> list:
+        def experts(module, args, out):
+            self.args.append(tuple(a.detach() for a in args))
+            self.routed.append(out.detach())
+
+        return [layer.mlp.experts.register_forward_hook(experts),
+                layer.ffn_hc.register_forward_hook(lambda m, a, out: self.post.append(out[0].detach()))]
+
+    def own_error(self, routed: list, block_out: list) -> float:
+        """The block's own relative error on these inputs when only its routed experts differ.
+
+        The layer adds the MoE output to its streams as `post[..., None] * moe[..., None, :]` (in the
+        activation dtype) on top of terms the experts do not touch, so the change of its output is
+        `post x (routed - routed_seen)`, taken here in fp64 against the block's output: no second
+        run of attention, and no BF16 rounding of the output counted as error."""
+        num = den = 0.0
+        for p, r, r0, y in zip(self.post, routed, self.routed, block_out):
+            w = p.to(y.dtype).double().pow(2).sum(-1).reshape(-1)  # [B*T]
+            d = (r.double() - r0.double()).pow(2).sum(-1)  # [B*T]
+            num += float((w * d).sum())
+            den += float(y.double().pow(2).sum())
+        return math.sqrt(num / den) if den else math.sqrt(num)
+
+
 class Evaluation:
     """The block loop of `evaluate` (one instance per evaluation)."""
 
-    def __init__(self, export: str | Path, source: str | Path, s: dict, tokens):
+    def __init__(self, export: str | Path, source: str | Path, s: dict, tokens, implementation: str | None = None):
         import torch
         from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RotaryEmbedding
 
@@ -218,8 +274,13 @@ class Evaluation:
             if exp_cfg.get(key) != self.raw_cfg.get(key):
                 raise FormatError(f"{export}: config {key} {exp_cfg.get(key)} but the release has "
                                   f"{self.raw_cfg.get(key)}: not an export of this release")
-        self.cfg = blocks.hf_config(self.raw_cfg)
         n = self.raw_cfg["num_hidden_layers"]
+        # both models' routed experts as transformers' grouped GEMMs: one GEMM a projection, not one per expert
+        self.implementation = implementation or "grouped_mm"
+        self.cfg = blocks.hf_config(self.raw_cfg)
+        self.mtp_cfg = blocks.hf_config(self.raw_cfg, layers=n + 1)
+        for c in (self.cfg, self.mtp_cfg):
+            c._experts_implementation = self.implementation
         self.blocks = blocks.block_names(self.raw_cfg, mtp=True)
         self.release_table = blocks.block_table(self.raw_cfg)
         self.ref = Side(source, self.cfg, self.device, self.blocks)
@@ -240,7 +301,7 @@ class Evaluation:
 
     # -- building the layers
 
-    def _layer(self, side: Side, block: str, raw: dict, candidate: bool):
+    def _layer(self, block: str, raw: dict, candidate: bool):
         """The transformers layer of `block` from `raw`; for the candidate, its routed experts as the
         engine computes them (`export.engine`)."""
         from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4DecoderLayer
@@ -248,13 +309,14 @@ class Evaluation:
         from . import engine
 
         is_mtp = block == mtp.MTP_BLOCK
-        cfg = blocks.hf_config(self.raw_cfg, layers=self.n + 1) if is_mtp else self.cfg
+        cfg = self.mtp_cfg if is_mtp else self.cfg
         index = self.n if is_mtp else int(block.split(".")[1])
         extra = mtp.EXTRA_NAMES if is_mtp else None
         experts = None
         if candidate:
             experts = engine.engine_reads(raw, block, self.mtp_form if is_mtp else "nvfp4", self.s["engine"],
-                                          self.raw_cfg, mode=self.s["mode"], device=self.device)
+                                          self.raw_cfg, mode=self.s["mode"], device=self.device,
+                                          implementation=self.implementation)
             fused = {"gate_up_proj": experts.gate_up_proj.data, "down_proj": experts.down_proj.data}
             state = blocks.block_state_dict(raw, block, self.release_table[block], self.raw_cfg, self.device,
                                             extra=extra, experts=fused)
@@ -265,35 +327,48 @@ class Evaluation:
         layer = blocks.build_layer(cls, cfg, index, state, self.device)
         if experts is not None:
             layer.mlp.experts = experts
-        return layer, cfg
+        return layer
 
     # -- the forwards
 
-    def _mtp_inputs(self, side: Side, cfg):
+    def _inputs(self, side: Side, block: str) -> tuple[list, list]:
+        """The block's inputs on `side`'s streams: for the MTP block, joined with `side`'s own embeddings
+        of the next tokens."""
+        if block != mtp.MTP_BLOCK:
+            return side.streams, self.kwargs
         inputs, kwargs = [], []
         for x, ids, e in zip(side.streams, self.ids, side.embeds):
             h, next_ids, _ = mtp.mtp_inputs(x, ids, None)
             next_embeds = e[:, 1:]
             inputs.append(h)
-            kwargs.append({**blocks.layer_kwargs(cfg, self.rotary, next_ids, None, next_embeds),
+            kwargs.append({**blocks.layer_kwargs(self.mtp_cfg, self.rotary, next_ids, None, next_embeds),
                            "next_embeds": next_embeds})
         return inputs, kwargs
 
-    def _run(self, layer, inputs: list, kwargs: list, routed: list | None = None) -> list:
-        """The layer on each batch; with `routed`, the routed experts' outputs are appended to it."""
+    def _run(self, layer, inputs: list, kwargs: list, seen: "Seen | None" = None) -> list:
+        """The layer on each batch; with `seen`, what its routed experts were given and gave back."""
         import torch
 
-        hook = layer.mlp.experts.register_forward_hook(lambda m, a, out: routed.append(out)) if routed is not None \
-            else None
+        hooks = seen.attach(layer) if seen is not None else []
         try:
             with torch.no_grad():
                 return [layer(x, **kw) for x, kw in zip(inputs, kwargs)]
         finally:
-            if hook is not None:
-                hook.remove()
+            for h in hooks:
+                h.remove()
+
+    def _top(self, head: Head, layer, outs: list) -> list:
+        """The MTP head's top token at each position, a sequence at a time (a batch's logits are GBs)."""
+        import torch
+
+        return [torch.cat([head.logits(y[i:i + 1], hc=layer.hc_head, norm=layer.norm).argmax(-1)
+                           for i in range(y.shape[0])]) for y in outs]
 
     def block(self, block: str) -> dict:
-        """Both models through one block; the candidate also on the reference's inputs."""
+        """Both models through one block: the reference on its streams (what its routed experts see
+        kept), the candidate on its own streams, and the candidate's routed experts on what the
+        reference's saw. The candidate's whole block runs on the release's inputs only where the
+        block's other tensors are not byte-identical to the release's."""
         import torch
 
         t0 = time.perf_counter()
@@ -301,38 +376,43 @@ class Evaluation:
             torch.cuda.reset_peak_memory_stats(self.device)
         nxt = self.blocks[self.blocks.index(block) + 1] if block != self.blocks[-1] else None
         timing: dict = {}
-        outs = {}
-        for side, candidate in ((self.ref, False), (self.cand, True)):
-            raw, rt = side.reader.take(block)
+        raws = {}
+        for side, name in ((self.ref, "release"), (self.cand, "export")):
+            raws[name], rt = side.reader.take(block)
             side.reader.ahead(nxt)
-            timing.update({f"{'export' if candidate else 'release'}_{k}": v for k, v in rt.items()})
+            timing.update({f"{name}_{k}": v for k, v in rt.items()})
+        same = same_non_expert_bytes(raws["release"], raws["export"], block)
+        is_mtp = block == mtp.MTP_BLOCK
+        ref_in, ref_kw = self._inputs(self.ref, block)
+        seen = Seen()
+        outs: dict = {}
+        for side, candidate in ((self.ref, False), (self.cand, True)):
             t1 = time.perf_counter()
-            layer, cfg = self._layer(side, block, raw, candidate)
-            del raw
+            layer = self._layer(block, raws.pop("export" if candidate else "release"), candidate)
             side.reader.release(block)
             blocks.sync(self.device)
             t2 = time.perf_counter()
-            if block == mtp.MTP_BLOCK:  # the join takes each model's own embeddings of the next tokens
-                (ref_in, ref_kw), (own_in, own_kw) = self._mtp_inputs(self.ref, cfg), self._mtp_inputs(side, cfg)
+            if not candidate:
+                outs[False] = self._run(layer, ref_in, ref_kw, seen)
             else:
-                ref_in, own_in, ref_kw, own_kw = self.ref.streams, side.streams, self.kwargs, self.kwargs
-            routed = outs.setdefault(("routed", candidate), [])
-            outs[candidate] = self._run(layer, own_in, own_kw, None if candidate else routed)
-            if candidate:  # on the release's inputs: attention and router see the same bytes, so only the
-                outs["local"] = self._run(layer, ref_in, ref_kw, routed)  # routed experts can differ
-            if block == mtp.MTP_BLOCK:  # only each position's top token is kept (a batch's logits are GBs)
-                head = self.ref.head if not candidate else self.cand.head
-                outs[("top", candidate)] = [head.logits(y, hc=layer.hc_head, norm=layer.norm).argmax(-1)
-                                            for y in outs[candidate]]
+                outs[True] = self._run(layer, *self._inputs(side, block))
+                with torch.no_grad():  # its routed experts on the release's inputs: only they can differ
+                    routed = [layer.mlp.experts(*args) for args in seen.args]
+                if same:
+                    local = seen.own_error(routed, outs[False])
+                else:
+                    local = _relative(self._run(layer, ref_in, ref_kw), outs[False])
+            if is_mtp:
+                outs[("top", candidate)] = self._top(side.head, layer, outs[candidate])
             blocks.sync(self.device)
-            timing[f"{'candidate' if candidate else 'reference'}_build_s"] = round(t2 - t1, 4)
-            timing[f"{'candidate' if candidate else 'reference'}_forward_s"] = round(time.perf_counter() - t2, 4)
+            who = "candidate" if candidate else "reference"
+            timing[f"{who}_build_s"] = round(t2 - t1, 4)
+            timing[f"{who}_forward_s"] = round(time.perf_counter() - t2, 4)
             blocks.release_layer(layer)
             del layer
-        row = {"block": block, "routed_rel_err": _relative(outs[("routed", True)], outs[("routed", False)]),
-               "local_rel_err": _relative(outs["local"], outs[False]),
-               "stream_rel_err": _relative(outs[True], outs[False])}
-        if block == mtp.MTP_BLOCK:
+        row = {"block": block, "routed_rel_err": _relative(routed, seen.routed), "local_rel_err": local,
+               "stream_rel_err": _relative(outs[True], outs[False]), "other_bytes_identical": same}
+        if is_mtp:
             row["mtp"] = self._mtp_numbers(outs[("top", False)], outs[("top", True)])
         else:
             self.ref.streams, self.cand.streams = outs[False], outs[True]
@@ -361,7 +441,9 @@ class Evaluation:
         import torch
 
         parts = {k: [] for k in ("nll_ref", "nll_cand", "kld", "same", "dp")}
-        for r, c, ids in zip(self.ref.streams, self.cand.streams, self.ids):
+        rows = ((r[i:i + 1], c[i:i + 1], ids[i:i + 1])  # a sequence at a time: a batch's logits are GBs
+                for r, c, ids in zip(self.ref.streams, self.cand.streams, self.ids) for i in range(ids.shape[0]))
+        for r, c, ids in rows:
             lr = torch.log_softmax(self.ref.head.logits(r)[:, :-1], dim=-1)
             lc = torch.log_softmax(self.cand.head.logits(c)[:, :-1], dim=-1)
             target = ids[:, 1:].unsqueeze(-1)
@@ -438,11 +520,13 @@ def worst_blocks(rows: list[dict], k: int = 3) -> list[str]:
 
 
 def evaluate(export: str | Path, source: str | Path, settings: dict | None = None, calibration: str | Path | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, implementation: str | None = None) -> dict:
     """Run the fidelity gate on `export` against the release `source`; the result (also `eval.json`).
 
     `settings`: the `export.fidelity` section (`fidelity_settings`); `calibration`: the calibration
-    JSONL, whose samples the held-out text must not share; its held-out file is the default text."""
+    JSONL, whose samples the held-out text must not share; its held-out file is the default text.
+    `implementation`: transformers' experts implementation for both models (`grouped_mm`, the
+    default, or `eager`, its per-expert loop: benchmarks compare the two)."""
     import torch
 
     from ..calibrate.data import heldout_path
@@ -458,7 +542,7 @@ def evaluate(export: str | Path, source: str | Path, settings: dict | None = Non
     tokens = token_windows(texts, tok, s["samples"], s["seq"])
     t0 = time.perf_counter()
     torch.compiler.set_stance("force_eager")
-    ev = Evaluation(export, source, s, tokens)
+    ev = Evaluation(export, source, s, tokens, implementation)
     bar = None
     if progress:
         from ..progress import tqdm

@@ -122,16 +122,25 @@ def _tensors(group: list[TensorSpec], gen: torch.Generator, config: dict):
             yield spec, _plain(spec, gen, config)
 
 
+CODE_POOL = 1 << 26  # random bytes drawn once a shard; benchmark tensors are windows of them
+
+
 def random_code_tensors(group: list[TensorSpec], gen: torch.Generator, config: dict):
     """Like `_tensors`, but quantized weights are random valid codes (no NaN codes) with scales
-    near 2^-6: fast enough for multi-GB benchmark checkpoints with real layer shapes."""
+    near 2^-6: fast enough for multi-GB benchmark checkpoints with real layer shapes. The codes of
+    each weight are a window at a random offset of one pool of random bytes (drawing every byte
+    afresh ran at ~0.2 GB/s, slower than the disks the benchmarks measure)."""
+    pool = None
     for spec in group:
-        if spec.kind == FP8_WEIGHT:
-            codes = torch.randint(0, 0x7F, spec.shape, generator=gen, dtype=torch.uint8)  # 0x7F is NaN
-            sign = torch.randint(0, 2, spec.shape, generator=gen, dtype=torch.uint8) << 7
-            yield spec, codes | sign
-        elif spec.kind == FP4_WEIGHT:
-            yield spec, torch.randint(0, 256, spec.shape, generator=gen, dtype=torch.uint8)
+        if spec.kind in (FP8_WEIGHT, FP4_WEIGHT):
+            n = math.prod(spec.shape)
+            if pool is None or pool.numel() < n:
+                pool = torch.randint(0, 256, (max(CODE_POOL, n),), generator=gen, dtype=torch.uint8)
+            at = int(torch.randint(0, pool.numel() - n + 1, (), generator=gen))
+            codes = pool[at:at + n].reshape(spec.shape)
+            if spec.kind == FP8_WEIGHT:  # 0x7F and 0xFF are NaN: one step down
+                codes = codes - ((codes & 0x7F) == 0x7F).to(torch.uint8)
+            yield spec, codes
         elif spec.kind == SCALE:
             yield spec, torch.randint(118, 124, spec.shape, generator=gen, dtype=torch.uint8)
         else:
