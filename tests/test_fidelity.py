@@ -153,6 +153,46 @@ def test_block_own_error_from_the_experts_alone(chain, monkeypatch):
         assert abs(f["local_rel_err"] - s["local_rel_err"]) <= 0.1 * s["local_rel_err"] + 1e-4, (f, s)
 
 
+def test_a_stopped_gate_carries_on(chain, tmp_path, monkeypatch, capsys):
+    """Stopped at layer 2 (saving after every block), the rerun computes only layers 2, 3 and the MTP
+    block from the saved streams, and gives the uninterrupted gate's numbers; progress saved for other
+    settings is discarded; the progress directory is gone once the gate ends."""
+    d = tmp_path / "eval-progress"
+    st = dict(samples=2, seq=32, save_every=1)
+    whole = _eval(chain, chain["export"], **st)
+    block = fidelity.Evaluation.block
+
+    def stop_at_layer_2(self, b):
+        if b == f"layers.{LAYER}":
+            raise KeyboardInterrupt("stopped")
+        return block(self, b)
+
+    monkeypatch.setattr(fidelity.Evaluation, "block", stop_at_layer_2)
+    with pytest.raises(KeyboardInterrupt):
+        fidelity.evaluate(chain["export"], chain["src"], _settings(chain, **st), calibration=chain["calib"],
+                          progress=False, resume_dir=d)
+    assert sorted(p.name for p in d.iterdir()) == ["cand.layers.1.safetensors", "manifest.json",
+                                                   "ref.layers.1.safetensors"]
+    ran = []
+    monkeypatch.setattr(fidelity.Evaluation, "block", lambda self, b: ran.append(b) or block(self, b))
+    other = fidelity.evaluate(chain["export"], chain["src"], _settings(chain, **{**st, "batch_size": 1}),
+                              calibration=chain["calib"], progress=False, resume_dir=d)
+    assert ran[0] == "layers.0" and "another export" in capsys.readouterr().out  # not this progress: from the start
+    with pytest.raises(KeyboardInterrupt):  # stopped again, then carried on with the same settings
+        monkeypatch.setattr(fidelity.Evaluation, "block", stop_at_layer_2)
+        fidelity.evaluate(chain["export"], chain["src"], _settings(chain, **st), calibration=chain["calib"],
+                          progress=False, resume_dir=d)
+    ran.clear()
+    monkeypatch.setattr(fidelity.Evaluation, "block", lambda self, b: ran.append(b) or block(self, b))
+    resumed = fidelity.evaluate(chain["export"], chain["src"], _settings(chain, **st), calibration=chain["calib"],
+                                progress=False, resume_dir=d)
+    assert ran == [f"layers.{LAYER}", "layers.3", "mtp.0"] and not d.exists()
+    assert resumed["numbers"] == whole["numbers"] and resumed["verdict"] == whole["verdict"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "timing"} for r in rows]  # noqa: E731
+    assert strip(resumed["blocks"]) == strip(whole["blocks"])
+    assert other["numbers"]["tokens"] == whole["numbers"]["tokens"]
+
+
 def test_w4a4_error_is_small_and_spread(chain):
     """W4A4 (activations NVFP4): a small nonzero error in every main layer's routed experts, none an
     outlier; the MTP block's released MXFP4 experts, as SGLang reads them (BF16 activations), exact."""

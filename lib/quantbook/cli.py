@@ -139,8 +139,10 @@ def cmd_eval(a) -> int:
     settings = {k: v for k, v in (("engine", a.engine), ("mode", a.mode), ("device", a.device), ("text", a.text),
                                   ("samples", a.samples), ("seq", a.seq), ("batch_size", a.batch_size))
                 if v is not None}
-    result = evaluate(a.export, a.source, settings, calibration=a.calibration)
+    from .export.fidelity_resume import PROGRESS_DIR
+
     run_dir = Path(a.run_dir) if a.run_dir else Path("runs") / f"eval-{Path(a.export).resolve().name}"
+    result = evaluate(a.export, a.source, settings, calibration=a.calibration, resume_dir=run_dir / PROGRESS_DIR)
     paths = write_result(result, run_dir)
     if a.json:
         from . import atomic
@@ -333,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=None, help="sequences of --seq tokens (default 16)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 128)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per forward (default 4)")
-    p.add_argument("--run-dir", default=None, help="where eval.json/eval.md go (default runs/eval-<export>)")
+    p.add_argument("--run-dir", default=None, help="where eval.json/eval.md go, and the gate's progress while it runs: "
+                   "a rerun after a kill carries on (default runs/eval-<export>)")
     p.add_argument("--json", default=None, help="also write the whole result to this JSON file")
     p.set_defaults(func=cmd_eval)
 

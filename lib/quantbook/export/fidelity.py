@@ -40,6 +40,7 @@ from pathlib import Path
 
 from .. import atomic
 from ..calibrate import blocks, mtp
+from . import fidelity_resume
 from ..errors import FidelityFailed, FormatError, ParamsError
 from ..release.format import load_config, split_block
 from ..release.shards import Checkpoint
@@ -63,6 +64,7 @@ FIDELITY_DEFAULTS = {
                        # the export's MTP expert form correctly (released: sglang, nvfp4: vllm)
     "mode": "w4a4",  # w4a4 (Blackwell: activations NVFP4) | w4a16 (Hopper's Marlin: activations BF16)
     "device": "cpu",
+    "save_every": 8,  # blocks between saves of both models' streams (`fidelity_resume`; with a run directory)
 }
 # Measured on the trained tiny (16 x 128 held-out tokens, W4A4, carry): PPL ratio 1.0002, KLD mean 0.0008,
 # same top token 98.3%, MTP agreement 98.4%, routed experts' own error 0.03-0.06 a layer; one layer's
@@ -89,7 +91,7 @@ def fidelity_settings(f: dict | None) -> dict:
     for key, allowed in (("engine", ENGINES), ("mode", MODES)):
         if s[key] not in allowed:
             raise ParamsError(f"export.fidelity.{key}: {s[key]!r}; one of {list(allowed)}")
-    for key in ("samples", "seq", "batch_size"):
+    for key in ("samples", "seq", "batch_size", "save_every"):
         if not isinstance(s[key], int) or s[key] < 1 or (key == "seq" and s[key] < 3):
             raise ParamsError(f"export.fidelity.{key}: {s[key]!r}; a positive integer (seq at least 3)")
     return s
@@ -179,10 +181,10 @@ class Head:
 class Side:
     """One of the two models: its checkpoint, block table, reader, embeddings, head and streams."""
 
-    def __init__(self, path: str | Path, cfg, device, blocks_to_read: list[str]):
+    def __init__(self, path: str | Path, cfg, device, all_blocks: list[str], blocks_to_read: list[str]):
         self.ck = Checkpoint(path)
         self.table = _by_block(self.ck)
-        missing = [b for b in blocks_to_read if b not in self.table]
+        missing = [b for b in all_blocks if b not in self.table]
         if missing:
             raise FormatError(f"{path}: no tensors of block(s) {missing}")
         top = self.ck.tensors(list(TOP_LEVEL))
@@ -191,7 +193,7 @@ class Side:
             raise FormatError(f"{path}: top-level tensor(s) {absent} missing")
         self.embed = top["embed.weight"].to(device)
         self.head = Head(top, cfg, device)
-        self.reader = blocks.ReadAhead(self.ck, self.table, device.type == "cuda", blocks_to_read)
+        self.reader = blocks.ReadAhead(self.ck, self.table, device.type == "cuda", blocks_to_read or all_blocks[-1:])
         self.streams: list = []
 
 
@@ -260,7 +262,8 @@ class Seen:
 class Evaluation:
     """The block loop of `evaluate` (one instance per evaluation)."""
 
-    def __init__(self, export: str | Path, source: str | Path, s: dict, tokens, implementation: str | None = None):
+    def __init__(self, export: str | Path, source: str | Path, s: dict, tokens, implementation: str = "grouped_mm",
+                 skip=()):
         import torch
         from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RotaryEmbedding
 
@@ -276,15 +279,16 @@ class Evaluation:
                                   f"{self.raw_cfg.get(key)}: not an export of this release")
         n = self.raw_cfg["num_hidden_layers"]
         # both models' routed experts as transformers' grouped GEMMs: one GEMM a projection, not one per expert
-        self.implementation = implementation or "grouped_mm"
+        self.implementation = implementation
         self.cfg = blocks.hf_config(self.raw_cfg)
         self.mtp_cfg = blocks.hf_config(self.raw_cfg, layers=n + 1)
         for c in (self.cfg, self.mtp_cfg):
             c._experts_implementation = self.implementation
         self.blocks = blocks.block_names(self.raw_cfg, mtp=True)
         self.release_table = blocks.block_table(self.raw_cfg)
-        self.ref = Side(source, self.cfg, self.device, self.blocks)
-        self.cand = Side(export, self.cfg, self.device, self.blocks)
+        todo = [b for b in self.blocks if b not in set(skip)]  # a resumed gate reads only what is left
+        self.ref = Side(source, self.cfg, self.device, self.blocks, todo)
+        self.cand = Side(export, self.cfg, self.device, self.blocks, todo)
         self.mtp_form = mtp_form(self.cand.ck, exp_cfg) if mtp.MTP_BLOCK in self.blocks else None
         if s["engine"] == "auto":  # main layers read alike by both; the MTP form picks the engine
             s["engine"] = MTP_READER.get(self.mtp_form, "vllm")
@@ -520,13 +524,15 @@ def worst_blocks(rows: list[dict], k: int = 3) -> list[str]:
 
 
 def evaluate(export: str | Path, source: str | Path, settings: dict | None = None, calibration: str | Path | None = None,
-             progress: bool = True, implementation: str | None = None) -> dict:
+             progress: bool = True, implementation: str | None = None, resume_dir: str | Path | None = None) -> dict:
     """Run the fidelity gate on `export` against the release `source`; the result (also `eval.json`).
 
     `settings`: the `export.fidelity` section (`fidelity_settings`); `calibration`: the calibration
     JSONL, whose samples the held-out text must not share; its held-out file is the default text.
     `implementation`: transformers' experts implementation for both models (`grouped_mm`, the
-    default, or `eager`, its per-expert loop: benchmarks compare the two)."""
+    default, or `eager`, its per-expert loop: benchmarks compare the two). `resume_dir`: where the
+    gate keeps its progress every `save_every` blocks and carries on from after a kill
+    (`fidelity_resume`); removed when the gate ends. None: nothing kept."""
     import torch
 
     from ..calibrate.data import heldout_path
@@ -542,25 +548,40 @@ def evaluate(export: str | Path, source: str | Path, settings: dict | None = Non
     tokens = token_windows(texts, tok, s["samples"], s["seq"])
     t0 = time.perf_counter()
     torch.compiler.set_stance("force_eager")
-    ev = Evaluation(export, source, s, tokens, implementation)
+    implementation = implementation or "grouped_mm"
+    keep = fidelity_resume.Progress(resume_dir, fidelity_resume.signature(
+        export, source, s, tokens, implementation, torch.device(s["device"]).type), s["save_every"])
+    saved = keep.load(s["device"])
+    ev = Evaluation(export, source, s, tokens, implementation, skip=saved["done"] if saved else ())
+    rows, numbers = [], None
+    if saved:
+        rows, numbers = saved["rows"], saved["numbers"]
+        ev.ref.streams, ev.cand.streams = saved["streams"]
+        print(f"[quantbook] eval: resuming after {saved['done'][-1]} ({len(saved['done'])} of {len(ev.blocks)} "
+              f"blocks saved in {resume_dir})", flush=True)
+    last_main = f"layers.{ev.n - 1}"
     bar = None
     if progress:
         from ..progress import tqdm
 
-        bar = tqdm(total=len(ev.blocks), desc="eval blocks", unit="block")
+        bar = tqdm(total=len(ev.blocks), initial=len(rows), desc="eval blocks", unit="block")
     try:
-        rows = []
-        for b in ev.blocks:
+        for i, b in enumerate(ev.blocks):
+            if i < len(rows):
+                continue
             rows.append(ev.block(b))
             if bar is not None:
                 bar.set_postfix_str(f"{b}: routed experts' error {rows[-1]['routed_rel_err']:.4f}")
                 bar.update(1)
-            if b == f"layers.{ev.n - 1}":
+            if b == last_main:
                 numbers = ev.final()
+            if b.startswith("layers.") and keep.due(i, b, last_main):
+                keep.save(ev.blocks[: i + 1], rows, numbers, ev.ref.streams, ev.cand.streams)
     finally:
         if bar is not None:
             bar.close()
         ev.close()
+    keep.clear()
     mtp_row = next((r for r in rows if "mtp" in r), None)
     if mtp_row is not None:
         numbers["mtp"] = mtp_row["mtp"]
@@ -605,7 +626,7 @@ def format_table(result: dict) -> str:
         lines.append(f"| MTP top-1 (t+2) accuracy; agreement | {m['top1_accuracy_release']:.2%} | "
                      f"{m['top1_accuracy_export']:.2%}; agreement {m['top1_agreement']:.2%} | agreement >= "
                      f"{s['min_mtp_agreement']:.0%} ({m['form']} experts read by {m['engine']}) |")
-    lines += ["", "Per block, relative errors: the routed experts' and the whole block's own (the candidate block on "
+    lines += ["", "Per block, relative errors: the routed experts' and the whole block's own (the candidate's on "
               "the release's inputs), and the streams' (each model on its own inputs: what serving accumulates).", "",
               "| block | routed experts' own | x median of other layers | block's own | streams' |",
               "|---|---|---|---|---|"]

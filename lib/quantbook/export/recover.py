@@ -376,11 +376,12 @@ def run_fidelity(e: dict, run_dir: Path, verified: dict, progress: bool = True) 
     """The fidelity gate on a verified export: `eval.json` / `eval.md` in the run directory and the
     export's model card. Not run on an export that failed verification (named in the record)."""
     from . import fidelity
+    from .fidelity_resume import PROGRESS_DIR
 
     if verified["verdict"] != "pass":
         return {"record": {"verdict": "not run", "why": f"verify: {verified['verdict']}"}, "result": None}
     result = fidelity.evaluate(e["dir"], e["source"], e["fidelity"], calibration=calibration_file(run_dir),
-                               progress=progress)
+                               progress=progress, resume_dir=run_dir / PROGRESS_DIR)
     files = fidelity.write_result(result, run_dir)
     card = fidelity.write_model_card(e["dir"], result, fidelity.provenance(run_dir, e))
     n = result["numbers"]
