@@ -16,6 +16,14 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One OpenMP/MKL thread per process (this one, the chain's notebook kernels, the CLI subprocesses, the
+# streaming driver's gloo processes: all inherit it). Two xdist workers, each with a kernel or a
+# subprocess beside it, already keep both cores of the 2-core machine busy; with two threads each, torch's
+# spinning OpenMP threads fight over them and ops on the tiny model run up to 100x slower (bf16
+# index_add_ in the fidelity gate's experts: 140 ms with 2 threads against 1.4 ms with one, under load).
+# Set before torch is imported anywhere in the run; an explicit setting in the environment wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
