@@ -16,6 +16,14 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One OpenMP/MKL thread per process (this one, the chain's notebook kernels, the CLI subprocesses, the
+# streaming driver's gloo processes: all inherit it). Two xdist workers, each with a kernel or a
+# subprocess beside it, already keep both cores of the 2-core machine busy; with two threads each, torch's
+# spinning OpenMP threads fight over them and ops on the tiny model run up to 100x slower (bf16
+# index_add_ in the fidelity gate's experts: 140 ms with 2 threads against 1.4 ms with one, under load).
+# Set before torch is imported anywhere in the run; an explicit setting in the environment wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,6 +106,9 @@ def _chain(tmp_path_factory, name: str, tiny_src: Path | None):
             shutil.copytree(tiny_src, src)
             raw["quantize"]["export_generic"] = True  # the tests compare modelopt's generic export with step 03's
             raw["export"]["fidelity"]["gate"] = False
+            # ... on 4 held-out samples, not 16: no test reads this chain's numbers, only that step 03 ran the
+            # gate's whole path (every block, the MTP block) and recorded them; the trained chain keeps 16
+            raw["export"]["fidelity"]["samples"] = 4
         params = base / "tiny.yaml"
         params.write_text(yaml.safe_dump(raw, sort_keys=False))
         calib = write_calib(base / "calib" / "english.jsonl")
@@ -121,7 +132,8 @@ def tiny_chain(tiny_src, tmp_path_factory):
     """The README's main command, on the random tiny `tiny_src` (the tests that compare the chain's
     files with `tiny_src` / `tiny_bf16` share it), with modelopt's generic export asked for too
     (`export_generic: true`, off by default) and the fidelity gate not applied (random weights: its
-    numbers are recorded, they mean nothing); notebooks 01 -> 04 through papermill. Read-only.
+    numbers are recorded, they mean nothing, on 4 held-out samples); notebooks 01 -> 04 through papermill.
+    Read-only.
 
     Returns the paths: params, runs, run_dir, src, bf16, generic (step 02's modelopt export),
     export (step 03's v4-serving layout), calib, and the chain's manifest and quantize record."""

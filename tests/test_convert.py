@@ -200,8 +200,10 @@ def _random_src(tmp_path_factory, name, layers, experts, **dims):
 
 @pytest.fixture(scope="module")
 def medium_src(tmp_path_factory):
-    """8 layers, 32 experts of 512x512: ~60 MB of BF16 per layer shard, random valid codes."""
-    return _random_src(tmp_path_factory, "medium", 8, 32, hidden_size=512, moe_intermediate_size=512)
+    """4 layers, 32 experts of 512x512: ~60 MB of BF16 per layer shard, random valid codes; 7 shards (each
+    kill-and-rerun attempt of the kill -9 test costs a fresh interpreter, so no more shards than needed for
+    kills mid-shard and between shards, again and again)."""
+    return _random_src(tmp_path_factory, "medium", 4, 32, hidden_size=512, moe_intermediate_size=512)
 
 
 @pytest.fixture(scope="module")

@@ -167,7 +167,8 @@ def _params(tmp_path: Path, run, tiny_src, tiny_bf16, out: Path) -> Path:
         "name": "tiny-recover", "quantize": run["q"],
         "export": {"layout": "v4-serving", "source": str(tiny_src), "dir": str(out), "reference": str(tiny_bf16),
                    "cast_mxfp4_to_nvfp4": False,
-                   "fidelity": {"gate": False}}}))  # random weights: the gate's numbers are recorded, not gated
+                   # random weights: the gate's numbers are recorded, not gated (4 held-out samples: read by no check)
+                   "fidelity": {"gate": False, "samples": 4}}}))
     return p
 
 
