@@ -60,10 +60,12 @@ def test_full_size_pro_release_passes_on_the_node(pro_release, tmp_path):
     assert write["seconds"] == pytest.approx(913_061_485_688 / (1312 * 2**20))
     assert plan["03 verify the export"]["seconds"] is None  # no measured rate: said, not guessed
     assert [r["projected"] for r in plan_rows(v) if r["step"] == "03"][1] == "not measured"
+    gate = plan["03 fidelity gate: 62 blocks x 2 models on 64 x 512 held-out tokens"]
+    assert gate["seconds"] == pytest.approx(62 * 3.2) and gate["rate"].startswith("3.2 s/layer on H100 80 GB")
     rehearsal = by(v, "run", "rehearsal")[0]
     assert rehearsal["status"] == "warn" and "--rehearse" in rehearsal["detail"]
     text = format_verdict(v)
-    assert text.splitlines()[-1].startswith("PASS: v4_pro_b200") and "projected total: 3 h 07 min + 2 step(s) not measured" in text
+    assert text.splitlines()[-1].startswith("PASS: v4_pro_b200") and "projected total: 3 h 10 min + 1 step(s) not measured" in text
 
 
 def test_this_machine_refuses_with_every_reason(pro_release, tmp_path):
