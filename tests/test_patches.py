@@ -62,6 +62,13 @@ def test_amax_problem():
     assert classify_amax(torch.tensor([1.0, float("nan")])) == "nan"
     assert classify_amax(torch.tensor(float("-inf"))) == "inf"
     assert classify_amax(torch.tensor(-2.0)) == "negative"
+    # one element (the per-tensor amax) takes a shorter road to the same answers, whatever its dtype or shape
+    for x in (torch.tensor(float("nan")), torch.tensor([[float("inf")]]), torch.tensor([-1.0]), torch.tensor(-0.0),
+              torch.tensor(0.0, dtype=torch.bfloat16), torch.tensor([[2.5]], dtype=torch.float16), torch.empty(0)):
+        many = x.reshape(-1).repeat(2)  # the same value twice: the general road
+        assert classify_amax(x) == (classify_amax(many) if x.numel() else "missing"), x
+    assert [classify_amax(torch.tensor(v)) for v in (float("nan"), float("inf"), -1.0, 0.0, 1e-30)] == \
+        ["nan", "inf", "negative", "zero", None]
 
 
 @pytest.fixture(scope="module")

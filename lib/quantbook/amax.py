@@ -14,6 +14,7 @@ it in `expert_token_counts.json` as {"layers.<i>": [count per expert]}.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,10 @@ def amax_problem(amax) -> str | None:
         return "missing"
     if amax.is_meta:
         return None
+    if amax.numel() == 1:  # the usual per-tensor amax: one Python float, not five tensor reductions
+        v = float(amax.detach().reshape(()))
+        return "nan" if math.isnan(v) else "inf" if math.isinf(v) else "negative" if v < 0 else "zero" if v == 0 \
+            else None
     a = amax.detach().float().cpu()
     if a.numel() == 0:
         return "missing"
