@@ -204,6 +204,11 @@ def _relative(a: list, b: list) -> float:
     """||a - b|| / ||b|| over all batches, in fp64."""
     num = sum(float((x.double() - y.double()).pow(2).sum()) for x, y in zip(a, b))
     den = sum(float(y.double().pow(2).sum()) for y in b)
+    return _root_ratio(num, den)
+
+
+def _root_ratio(num: float, den: float) -> float:
+    """sqrt(num / den): a relative error from squared norms (the absolute one when the reference is 0)."""
     return math.sqrt(num / den) if den else math.sqrt(num)
 
 
@@ -256,14 +261,13 @@ class Seen:
             d = (r.double() - r0.double()).pow(2).sum(-1)  # [B*T]
             num += float((w * d).sum())
             den += float(y.double().pow(2).sum())
-        return math.sqrt(num / den) if den else math.sqrt(num)
+        return _root_ratio(num, den)
 
 
 class Evaluation:
     """The block loop of `evaluate` (one instance per evaluation)."""
 
-    def __init__(self, export: str | Path, source: str | Path, s: dict, tokens, implementation: str = "grouped_mm",
-                 skip=()):
+    def __init__(self, export: str | Path, source: str | Path, s: dict, tokens, implementation: str, skip=()):
         import torch
         from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RotaryEmbedding
 
@@ -278,8 +282,7 @@ class Evaluation:
                 raise FormatError(f"{export}: config {key} {exp_cfg.get(key)} but the release has "
                                   f"{self.raw_cfg.get(key)}: not an export of this release")
         n = self.raw_cfg["num_hidden_layers"]
-        # both models' routed experts as transformers' grouped GEMMs: one GEMM a projection, not one per expert
-        self.implementation = implementation
+        self.implementation = implementation  # transformers' experts implementation, both models
         self.cfg = blocks.hf_config(self.raw_cfg)
         self.mtp_cfg = blocks.hf_config(self.raw_cfg, layers=n + 1)
         for c in (self.cfg, self.mtp_cfg):
@@ -301,7 +304,6 @@ class Evaluation:
         self.ref.streams = [blocks.first_streams(self.cfg, e) for e in ref_embeds]
         self.cand.streams = [blocks.first_streams(self.cfg, e) for e in cand_embeds]
         self.ref.embeds, self.cand.embeds = ref_embeds, cand_embeds
-        self.rows: list[dict] = []
 
     # -- building the layers
 
@@ -548,9 +550,10 @@ def evaluate(export: str | Path, source: str | Path, settings: dict | None = Non
     tokens = token_windows(texts, tok, s["samples"], s["seq"])
     t0 = time.perf_counter()
     torch.compiler.set_stance("force_eager")
-    implementation = implementation or "grouped_mm"
-    keep = fidelity_resume.Progress(resume_dir, fidelity_resume.signature(
-        export, source, s, tokens, implementation, torch.device(s["device"]).type), s["save_every"])
+    implementation = implementation or "grouped_mm"  # one GEMM a projection, not one per expert
+    sig = None if resume_dir is None else fidelity_resume.signature(  # reads samples of every shard: only to resume
+        export, source, s, tokens, implementation, torch.device(s["device"]).type)
+    keep = fidelity_resume.Progress(resume_dir, sig, s["save_every"])
     saved = keep.load(s["device"])
     ev = Evaluation(export, source, s, tokens, implementation, skip=saved["done"] if saved else ())
     rows, numbers = [], None
