@@ -11,7 +11,10 @@ text is fine for timing: only the routing pattern depends on it). Then, in one r
                (`/proc/sys/vm/drop_caches` when writable, else posix_fadvise DONTNEED per file: the
                method used is reported); the disk's sequential read rate on this source
   streaming    `quantbook.calibrate.quantize` with driver streaming, gpus 1, page cache dropped first:
-               per block read / dequant / calibrate / write seconds, peak GPU and host memory
+               per block read / dequant / calibrate / write seconds, peak GPU and host memory; once per
+               `--experts-calibration` method (sorted, modelopt), their amax compared bit for bit; with
+               `--plain-forward` each block's plain BF16 forward (grouped_mm experts, no quantizer) on the
+               same inputs, timed just before its calibration: the ratio calibrate / plain forward
   gpus 2       the same with two processes when two GPUs are visible, amax compared with gpus 1
   side by side (`--side-experts N`, 0 to skip) a second release with N experts per layer (the
                BF16 copy of a Pro layer is 51 GiB: a few do not fit a 64 GiB disk): step 01's BF16
@@ -29,6 +32,7 @@ Prints a table; writes `streaming_bench.json` and `streaming_bench.md` under `--
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -85,13 +89,14 @@ def write_text(path: Path, samples: int, seq: int, seed: int = 0) -> Path:
     return path
 
 
-def quantize_section(driver: str, src: Path, calib: Path, a, export: Path, gpus: int = 1) -> dict:
+def quantize_section(driver: str, src: Path, calib: Path, a, export: Path, gpus: int = 1,
+                     experts_calibration: str = "sorted") -> dict:
     hf = {"pyt_ckpt_path": str(src), "export_path": str(export), "qformat": "nvfp4_experts_only",
           "kv_cache_qformat": "fp8_cast", "dataset": str(calib), "calib_size": a.samples, "calib_seq": a.seq,
           "batch_size": a.batch, "device": a.device, "skip_generate": True}
     q = {"driver": driver, "hf_ptq": hf}
     if driver == "streaming":
-        q["gpus"] = gpus
+        q.update(gpus=gpus, experts_calibration=experts_calibration)
     return q
 
 
@@ -137,14 +142,46 @@ def shards(src: Path) -> list[Path]:
 # runs
 
 
-def run_streaming(src: Path, calib: Path, a, out: Path, name: str, gpus: int = 1) -> dict:
+def run_streaming(src: Path, calib: Path, a, out: Path, name: str, gpus: int = 1,
+                  experts_calibration: str = "sorted") -> dict:
     from quantbook.calibrate import quantize
 
     t = time.perf_counter()
-    rec = quantize(quantize_section("streaming", src, calib, a, out / "unused", gpus), out / name, progress=True)
+    rec = quantize(quantize_section("streaming", src, calib, a, out / "unused", gpus, experts_calibration),
+                   out / name, progress=True)
     wall = time.perf_counter() - t
     return {"wall_s": round(wall, 2), "timings": rec["timings"], "timeline": rec["timeline"],
-            "run_dir": str(out / name), "world": gpus}
+            "run_dir": str(out / name), "world": gpus, "experts_calibration": experts_calibration}
+
+
+def time_plain_forwards() -> None:
+    """From now on, each block's calibration in this process is preceded by the block's plain BF16
+    forward on the same inputs (experts as transformers' grouped_mm, no quantizer), timed into its
+    timeline as `plain_forward_s`: the yardstick of the calibration's compute."""
+    import torch
+
+    from quantbook.calibrate import blocks, streaming_driver
+
+    calibrate = streaming_driver._calibrate
+
+    def timed(cfg, path, layer, inputs, kwargs_of, quant_cfg, keep, device, rename, **kw):
+        experts = layer.mlp.experts
+        own = experts.config
+        experts.config = copy.copy(own)
+        experts.config._experts_implementation = "grouped_mm"
+        blocks.sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for j, x in enumerate(inputs):
+                layer(x, **kwargs_of(j))
+        blocks.sync(device)
+        plain = time.perf_counter() - t0
+        experts.config = own
+        result = calibrate(cfg, path, layer, inputs, kwargs_of, quant_cfg, keep, device, rename, **kw)
+        result["timing"]["plain_forward_s"] = round(plain, 4)
+        return result
+
+    streaming_driver._calibrate = timed
 
 
 def fault_check(src: Path, calib: Path, a, out: Path, limit_s: float = 100.0) -> dict:
@@ -214,6 +251,8 @@ def block_rows(stream: dict, disk_gbs: float | None) -> list[dict]:
             "read_GB_s": round(read_gb / t["read_s"], 2) if t.get("read_s") else None,
             "read_wait_s": t.get("read_wait_s"), "dequant_s": t.get("dequant_s"), "calibrate_s": t.get("calibrate_s"),
             "forward_s": t.get("forward_s"), "record_s": t.get("record_s"), "reduce_s": t.get("reduce_s"),
+            "plain_forward_s": t.get("plain_forward_s"),
+            "x_plain": round(t["calibrate_s"] / t["plain_forward_s"], 2) if t.get("plain_forward_s") else None,
             "write_s": t.get("write_s"),
             "write_wait_s": t.get("write_wait_s"), "total_s": t.get("total_s"),
             "gpu_peak_GiB": round(t["gpu_peak_bytes"] / GIB, 2) if "gpu_peak_bytes" in t else None,
@@ -260,7 +299,7 @@ def projection(rows: list[dict], prepare_s: float, disk_gbs: float, pro_blocks: 
 
 def table(rows: list[dict]) -> str:
     cols = ["block", "read_GB", "read_s", "read_GB_s", "read_wait_s", "dequant_s", "calibrate_s", "forward_s",
-            "record_s", "write_s", "write_wait_s", "total_s", "x_disk_read", "gpu_peak_GiB", "host_peak_GiB"]
+            "plain_forward_s", "x_plain", "record_s", "write_s", "write_wait_s", "total_s", "x_disk_read", "gpu_peak_GiB", "host_peak_GiB"]
     fmt = lambda v: "" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
@@ -300,6 +339,9 @@ def main() -> None:
     ap.add_argument("--fault-check", action="store_true",
                     help="after gpus 2, one failing process must stop the run with its error (needs --layers 2+)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch files")
+    ap.add_argument("--experts-calibration", default="sorted,modelopt",
+                    help="comma list: one streaming run per method (the first is the reference run)")
+    ap.add_argument("--plain-forward", action="store_true", help="time each block's plain BF16 forward too")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(a.out)
@@ -348,8 +390,20 @@ def main() -> None:
             res["cache_drop"] = drop_cache(files)
             res["raw_read"] = raw_read(files)
             print(f"raw read: {res['raw_read']} ({res['cache_drop']})")
-            drop_cache(files)
-            res["streaming"] = run_streaming(src, calib, a, out, "streaming")
+            if a.plain_forward:
+                time_plain_forwards()
+            methods = a.experts_calibration.split(",")
+            for m in methods:
+                drop_cache(files)
+                key = "streaming" if m == methods[0] else f"streaming_{m}"
+                res[key] = run_streaming(src, calib, a, out, key, experts_calibration=m)
+                if m != methods[0]:
+                    res[f"blocks_{m}"] = block_rows(res[key], res["raw_read"]["gb_per_s"])
+                    res[f"amax_{m}_vs_{methods[0]}"] = compare_amax(res["streaming"]["run_dir"], res[key]["run_dir"],
+                                                                    main_only=False)
+                    print(f"{m} vs {methods[0]}:", json.dumps(res[f"amax_{m}_vs_{methods[0]}"]))
+                    print(f"\n{m}:\n" + table(res[f"blocks_{m}"]))
+                (out / "streaming_bench.json").write_text(json.dumps(res, indent=1, default=str))
             rows = block_rows(res["streaming"], res["raw_read"]["gb_per_s"])
             res["blocks"] = rows
             res["projection"] = projection(rows, res["streaming"]["timings"].get("prepare", 0.0),
@@ -372,6 +426,8 @@ def main() -> None:
         md = [f"# streaming bench {time.strftime('%Y-%m-%d %H:%M')}", "", "```", json.dumps(res["machine"]), "```"]
         if "blocks" in res:
             md += ["", f"raw read {res['raw_read']} ({res['cache_drop']})", "", table(res["blocks"])]
+            for k in [k for k in res if k.startswith("blocks_") and k != "blocks_gpus2"]:
+                md += ["", k, "", table(res[k])]
         (out / "streaming_bench.md").write_text("\n".join(md) + "\n")
         if not a.keep:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -323,8 +323,9 @@ def _quantbook_processes() -> list[str]:
 
 
 def test_experts_that_bypass_f_linear_are_an_error(tiny_chain, tmp_path, monkeypatch):
-    """With transformers' default `grouped_mm` experts, modelopt never sees the experts' inputs and
-    their input amax are missing, silently; the driver stops at the first block, naming them."""
+    """With modelopt's own experts loop (`experts_calibration: modelopt`) and transformers' default
+    `grouped_mm` experts, modelopt never sees the experts' inputs and their input amax are missing,
+    silently; the driver stops at the first block, naming them."""
     from quantbook.calibrate import blocks, quantize
     from quantbook.errors import QuantizeError
 
@@ -338,7 +339,7 @@ def test_experts_that_bypass_f_linear_are_an_error(tiny_chain, tmp_path, monkeyp
 
     monkeypatch.setattr(blocks, "build_layer", grouped_mm_experts)
     with pytest.raises(QuantizeError, match=r"layers\.0: 2 enabled quantizers got no amax.*input_quantizer"):
-        quantize(streaming_q(tiny_chain), tmp_path / "run", progress=False)
+        quantize(streaming_q(tiny_chain, experts_calibration="modelopt"), tmp_path / "run", progress=False)
     rec = json.loads((tmp_path / "run" / "quantize.json").read_text())
     assert rec["status"] == "failed" and "layers.0" in rec["error"]
 
@@ -352,6 +353,7 @@ def test_experts_that_bypass_f_linear_are_an_error(tiny_chain, tmp_path, monkeyp
     ({"gpus": 0}, "quantize.gpus: expected a positive int"),
     ({"save_every": "2"}, "quantize.save_every"),
     ({"mtp": "yes"}, "quantize.mtp"),
+    ({"experts_calibration": "grouped"}, "quantize.experts_calibration"),
     ({"hf_ptq": {"offload_folder": "/tmp/x"}}, "offloads nothing"),
 ])
 def test_refused_with_the_reason(tiny_chain, tmp_path, over, needle):
@@ -486,6 +488,7 @@ def test_record_timeline_and_reports(streamed):
 
     rec = streamed["record"]
     rows = rec["timeline"]
+    assert rec["streaming"]["experts_calibration"] == "sorted"
     assert [r["block"] for r in rows] == ["layers.0", "layers.1", "layers.2", "layers.3", "mtp.0"]
     for r in rows:
         assert r["this_run"] and r["read_bytes"] > 0 and r["calibrate_s"] > 0 and r["host_rss_bytes"] > 0

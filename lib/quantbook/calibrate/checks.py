@@ -35,8 +35,10 @@ STREAMING_DEFAULTS = {
     "gpus": 1,  # processes, one per GPU, through torch.distributed
     "save_every": 1,  # blocks between resume checkpoints
     "mtp": "calibrate",  # calibrate | skip: the MTP block's routed experts
+    "experts_calibration": "sorted",  # sorted (one host sync a forward) | modelopt (its own loop): the same amax
 }
 MTP_CHOICES = ("calibrate", "skip")
+EXPERTS_CALIBRATION_CHOICES = ("sorted", "modelopt")  # calibrate.experts: the same amax either way
 
 # On the 8x B200 node (2-2.7 TB host RAM) with V4 Pro's 3.2 TB BF16 copy offloaded, 256
 # calibration samples ran the host out of memory; 128 is the proven setting.
@@ -127,6 +129,9 @@ def streaming_problems(q: dict, settings: dict, model_config: dict | None) -> li
             problems.append(f"quantize.{key}: expected a positive int, got {q.get(key)!r}")
     if q.get("mtp", "calibrate") not in MTP_CHOICES:
         problems.append(f"quantize.mtp: {q.get('mtp')!r}; choose one of {list(MTP_CHOICES)}")
+    if q.get("experts_calibration", "sorted") not in EXPERTS_CALIBRATION_CHOICES:
+        problems.append(f"quantize.experts_calibration: {q.get('experts_calibration')!r}; choose one of "
+                        f"{list(EXPERTS_CALIBRATION_CHOICES)}")
     bs = settings.get("batch_size")
     gpus = q.get("gpus", 1)
     if _positive_int(gpus) and _positive_int(bs):

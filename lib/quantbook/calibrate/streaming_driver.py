@@ -240,7 +240,7 @@ def prepare(q: dict, s: dict, df: dict, run_dir: Path) -> dict:
     manifest = block_checkpoint.read_manifest(run_dir) or {}
     return {"release": s["pyt_ckpt_path"], "run_dir": str(run_dir), "settings": s, "batches": batches,
             "calib": calib, "quant_cfg": quant_cfg, "blocks": df["blocks"], "world": world,
-            "save_every": q["save_every"], "device": device,
+            "save_every": q["save_every"], "device": device, "experts_calibration": q["experts_calibration"],
             "signature": sig, "plan": plan, "timeline": manifest.get("timeline", {}),
             "init_method": f"tcp://127.0.0.1:{free_port()}" if world > 1 else None}
 
@@ -303,6 +303,7 @@ class _Process:
         self.cfg = blocks.hf_config(self.raw_cfg)
         self.table = blocks.block_table(self.raw_cfg)
         self.quant_cfg = job["quant_cfg"]
+        self.sorted_loop = job["experts_calibration"] == "sorted"
         sig = block_checkpoint.signature(release_id=job["signature"]["release_id"], settings=job["settings"],
                                          quant_cfg=self.quant_cfg, calib=describe_dataloader(job["batches"]),
                                          world=world, mtp=job["signature"]["mtp"], device_type=self.device.type)
@@ -405,7 +406,7 @@ class _Process:
         dequant_s = time.perf_counter() - t0
         kwargs = self.kwargs
         result = _calibrate(self.cfg, f"model.layers.{i}", layer, self.streams, lambda j: kwargs[j], self.quant_cfg,
-                            keep, self.device, rename=None)
+                            keep, self.device, rename=None, sorted_loop=self.sorted_loop)
         result["timing"]["dequant_s"] = round(dequant_s, 4)
         return result
 
@@ -427,7 +428,7 @@ class _Process:
             kwargs.append({**blocks.layer_kwargs(mcfg, self.rotary, next_ids, mask2d, next_embeds),
                            "next_embeds": next_embeds})
         result = _calibrate(mcfg, mtp.host_path(n), layer, inputs, lambda j: kwargs[j], self.quant_cfg, keep,
-                            self.device, rename=lambda name: mtp.report_name(name, n))
+                            self.device, rename=lambda name: mtp.report_name(name, n), sorted_loop=self.sorted_loop)
         result["timing"]["dequant_s"] = round(dequant_s, 4)
         return result
 
@@ -438,8 +439,10 @@ def _print_block(block: str, t: dict) -> None:
           f"{t['dequant_s']:.2f} s, calibrate {t['calibrate_s']:.2f} s, total {t['total_s']:.2f} s{gpu}", flush=True)
 
 
-def _calibrate(cfg, path: str, layer, inputs: list, kwargs_of, quant_cfg: dict, keep: bool, device, rename) -> dict:
-    """`mtq.quantize` of one layer inside its host, the forward loop running every batch through it.
+def _calibrate(cfg, path: str, layer, inputs: list, kwargs_of, quant_cfg: dict, keep: bool, device, rename,
+               sorted_loop: bool = True) -> dict:
+    """`mtq.quantize` of one layer inside its host, the forward loop running every batch through it
+    (the routed experts as `experts.SortedExperts` when `sorted_loop`: modelopt's amax, faster).
 
     Returns the outputs (when `keep`), amax (names as in the whole model; `rename` for MTP), token
     counts, the quantizer listing, the enabled quantizers, their amax problems and timings. An
@@ -447,6 +450,8 @@ def _calibrate(cfg, path: str, layer, inputs: list, kwargs_of, quant_cfg: dict, 
     future transformers that bypasses `F.linear`) would cause silently."""
     import modelopt.torch.quantization as mtq
     import torch
+
+    from .experts import sorted_experts
 
     rename = rename or (lambda name: name)
     host = blocks.make_host(cfg, path, layer)
@@ -457,7 +462,7 @@ def _calibrate(cfg, path: str, layer, inputs: list, kwargs_of, quant_cfg: dict, 
         t0 = time.perf_counter()
         target = model.get_submodule(path)
         outputs.clear()
-        with torch.no_grad():
+        with torch.no_grad(), sorted_experts(target, sorted_loop):
             for j, x in enumerate(inputs):
                 y = target(x, **kwargs_of(j))
                 if keep:
@@ -533,6 +538,7 @@ def assemble(run_dir: Path, job: dict, per_rank: list[dict], q: dict) -> dict:
             "batch_size": s["batch_size"], "timeline": timeline,
             "streaming": {"world": job["world"], "device": job["device"], "devices": [r["device"] for r in per_rank],
                           "save_every": job["save_every"], "mtp": q["mtp"], "blocks": job["blocks"],
+                          "experts_calibration": job["experts_calibration"],
                           "resumed_from": plan["start_block"] if plan["resume"] else None,
                           "blocks_this_run": [b for b in job["blocks"] if b in computed],
                           "checkpoint_dir": str(block_checkpoint.checkpoint_dir(run_dir))}}
