@@ -143,15 +143,36 @@ def shards(src: Path) -> list[Path]:
 
 
 def run_streaming(src: Path, calib: Path, a, out: Path, name: str, gpus: int = 1,
-                  experts_calibration: str = "sorted") -> dict:
+                  experts_calibration: str = "sorted", along: Path | None = None) -> dict:
     from quantbook.calibrate import quantize
 
+    export = None
+    if along is not None:
+        export = {"layout": "v4-serving", "source": str(src), "dir": str(along), "workers": min(16, os.cpu_count() or 1)}
     t = time.perf_counter()
     rec = quantize(quantize_section("streaming", src, calib, a, out / "unused", gpus, experts_calibration),
-                   out / name, progress=True)
+                   out / name, progress=True, export=export)
     wall = time.perf_counter() - t
-    return {"wall_s": round(wall, 2), "timings": rec["timings"], "timeline": rec["timeline"],
-            "run_dir": str(out / name), "world": gpus, "experts_calibration": experts_calibration}
+    r = {"wall_s": round(wall, 2), "timings": rec["timings"], "timeline": rec["timeline"],
+         "run_dir": str(out / name), "world": gpus, "experts_calibration": experts_calibration}
+    if along is not None:
+        r["along"] = {k: v for k, v in rec["export"].items() if k != "why"}
+        r["export_GB"] = round(sum(p.stat().st_size for p in shards(along)) / 1e9, 2)
+    return r
+
+
+def raw_write(d: Path, nbytes: int = 4 << 30) -> dict:
+    """Write `nbytes` to a new file in CHUNK writes, fsync, delete: the disk's sequential write rate."""
+    buf = os.urandom(CHUNK)
+    path = d / "raw-write.bin"
+    t = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        for _ in range(nbytes // CHUNK):
+            f.write(buf)
+        os.fsync(f.fileno())
+    secs = time.perf_counter() - t
+    path.unlink()
+    return {"bytes": nbytes, "seconds": round(secs, 3), "gb_per_s": round(nbytes / secs / 1e9, 3)}
 
 
 def time_plain_forwards() -> None:
@@ -342,6 +363,8 @@ def main() -> None:
     ap.add_argument("--experts-calibration", default="sorted,modelopt",
                     help="comma list: one streaming run per method (the first is the reference run)")
     ap.add_argument("--plain-forward", action="store_true", help="time each block's plain BF16 forward too")
+    ap.add_argument("--along", action="store_true",
+                    help="the first method's run writes the v4-serving export along the pass (disk: the release again)")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(a.out)
@@ -396,7 +419,18 @@ def main() -> None:
             for m in methods:
                 drop_cache(files)
                 key = "streaming" if m == methods[0] else f"streaming_{m}"
-                res[key] = run_streaming(src, calib, a, out, key, experts_calibration=m)
+                along = scratch / "export" if a.along and m == methods[0] else None
+                res[key] = run_streaming(src, calib, a, out, key, experts_calibration=m, along=along)
+                if along is not None:
+                    res["raw_write"] = raw_write(scratch)
+                    read_s = res["release"]["GB"] / res["raw_read"]["gb_per_s"]
+                    write_s = res[key]["export_GB"] / res["raw_write"]["gb_per_s"]
+                    calib_s = res[key]["timings"].get("calibrate", 0) + res[key]["timings"].get("export", 0)
+                    res["along_vs_disk"] = {"raw_read_s": round(read_s, 2), "raw_write_s": round(write_s, 2),
+                                            "calibrate_and_export_s": round(calib_s, 2),
+                                            "x_max_read_write": round(calib_s / max(read_s, write_s), 2)}
+                    print("along vs disk:", json.dumps(res["along_vs_disk"]))
+                    shutil.rmtree(along)
                 if m != methods[0]:
                     res[f"blocks_{m}"] = block_rows(res[key], res["raw_read"]["gb_per_s"])
                     res[f"amax_{m}_vs_{methods[0]}"] = compare_amax(res["streaming"]["run_dir"], res[key]["run_dir"],

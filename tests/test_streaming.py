@@ -165,8 +165,8 @@ def test_blocks_equal_transformers_own_load(tiny_chain):
 # resume
 
 
-def _params(path: Path, q: dict) -> Path:
-    path.write_text(yaml.safe_dump({"name": "streaming", "quantize": q}))
+def _params(path: Path, q: dict, export: dict | None = None) -> Path:
+    path.write_text(yaml.safe_dump({"name": "streaming", "quantize": q, **({"export": export} if export else {})}))
     return path
 
 
@@ -204,10 +204,12 @@ def test_sigkill_inside_and_between_blocks_then_resume_identically(streamed, tin
     """A real process killed with SIGKILL inside a block (its calibration under way, the previous
     block's save possibly in flight), then again right after a block's checkpoint was committed;
     each rerun resumes at the first block the checkpoint does not hold, and the end result is the
-    uninterrupted run's, bit for bit."""
+    uninterrupted run's, bit for bit; the export written along the pass too (step 03's bytes)."""
     from quantbook.calibrate import block_checkpoint, quantize
+    from quantbook.export.layout import MANIFEST
 
-    params = _params(tmp_path / "s.yaml", streaming_q(tiny_chain))
+    export = {**yaml.safe_load(tiny_chain["params"].read_text())["export"], "dir": str(tmp_path / "export")}
+    params = _params(tmp_path / "s.yaml", streaming_q(tiny_chain), export)
     runs, run_id = tmp_path / "runs", "killed"
     run_dir = runs / run_id
     blocks = streamed["record"]["streaming"]["blocks"]
@@ -224,8 +226,10 @@ def test_sigkill_inside_and_between_blocks_then_resume_identically(streamed, tin
     done2 = block_checkpoint.read_manifest(run_dir)["done"]
     assert done2[: len(done1)] == done1 and len(done1) < len(done2) < len(blocks), (done1, done2)
 
-    rec = quantize(yaml.safe_load(params.read_text())["quantize"], run_dir, progress=False)
+    rec = quantize(yaml.safe_load(params.read_text())["quantize"], run_dir, progress=False, export=export)
     assert rec["status"] == "done" and rec["streaming"]["resumed_from"] == blocks[len(done2)]
+    assert files(tmp_path / "export", exclude=(MANIFEST, "README.md")) == \
+        files(tiny_chain["export"], exclude=(MANIFEST, "README.md"))
     assert [t["block"] for t in rec["timeline"] if not t["this_run"]] == done2
     assert_same_calibration(streamed["dir"], run_dir)
     leftovers = sorted(p.name for p in block_checkpoint.checkpoint_dir(run_dir).iterdir())
@@ -432,9 +436,10 @@ def test_memory_and_disk_of_v4_pro(pro_release, tmp_path):
 def test_chain_with_the_streaming_driver_passes_verify(tiny_chain, tmp_path):
     """`quantbook run` with `driver: streaming` on the tiny release, as the production params have it
     (no `export.reference`): step 01's BF16 copy is left out, saying why; notebooks 02-04 complete,
-    step 02 shows its per-block timeline and skips the export it does not write, step 03 writes the
-    v4-serving layout from the streaming amax (byte-identical to the modelopt chain's) and it passes
-    the verifier, which compares with the release."""
+    step 02 shows its per-block timeline and writes the v4-serving layout along the pass from the
+    streaming amax (byte-identical to the modelopt chain's step 03 export), step 03 finds every shard
+    written and verified (writes none) and the export passes the verifier, which compares with the
+    release."""
     import nbformat
 
     from quantbook.export.layout import MANIFEST
@@ -469,7 +474,9 @@ def test_chain_with_the_streaming_driver_passes_verify(tiny_chain, tmp_path):
 
     out02, images02 = text("02_quantize.ipynb")
     assert "calibrated from the first block: 5 blocks in this run" in out02
-    assert "nothing to verify: driver streaming never holds the whole model" in out02 and "dequant + build" in out02
+    assert "nothing to verify: driver streaming wrote step 03's v4-serving export along the pass" in out02
+    assert "dequant + build" in out02
+    assert json.loads((run_dir / "export.json").read_text())["layout_report"]["shards_written"] == 0
     assert images02 >= 3  # the per-block timeline, the token-count heat map, the memory timeline
     out03, _ = text("03_recover_export.ipynb")
     assert "no calibrated state by design" in out03 and "verdict: pass" in out03

@@ -206,11 +206,13 @@ def cmd_quantize(a) -> int:
     run_id = run_dir.name
     print(f"quantize: run {run_id} -> {run_dir} (rerun with --run-id {run_id} to resume a layerwise or streaming "
           "calibration)")
-    rec = quantize(params.get("quantize") or {}, run_dir)
+    rec = quantize(params.get("quantize") or {}, run_dir, export=params.get("export"))
     cov = rec.get("expert_coverage") or {}
     generic = generic_export_dir(rec)
     post = rec.get("post_calibration") or {}
     state = f"state {run_dir / 'state'}; " if post.get("state") else ""
+    if (rec.get("export") or {}).get("along"):
+        print(f"v4-serving export written along the pass: {rec['export']['dir']} (step 03 verifies it and runs the gate)")
     print(f"{rec['status']}: generic export {generic or 'not written'}; {state}"
           f"amax {run_dir / 'amax.safetensors'} (step 03 exports from it); "
           f"amax repaired: {len(post.get('amax_repairs', []))}; "

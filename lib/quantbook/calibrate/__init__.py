@@ -41,14 +41,31 @@ def preflight(q: dict, run_dir: str | Path) -> dict:
     return facts
 
 
-def quantize(q: dict, run_dir: str | Path, progress: bool = True, facts: dict | None = None) -> dict:
+def quantize(q: dict, run_dir: str | Path, progress: bool = True, facts: dict | None = None,
+             export: dict | None = None) -> dict:
     """Run step 02 with the driver `q["driver"]` names; the result record (also in quantize.json).
 
-    `facts` from an earlier `preflight(q, run_dir)` of the same settings skip a second preflight."""
+    `facts` from an earlier `preflight(q, run_dir)` of the same settings skip a second preflight.
+    `export`: the params' `export:` section; a driver that writes it along calibration
+    (`quantize.export_along`, driver streaming) writes step 03's export as it goes."""
     q = normalize(q)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     facts = dict(facts or preflight(q, run_dir))
     res = facts["resources"]
     facts["resources"] = {k: res[k] for k in ("model_bytes", "export_bytes", "layerwise_bytes", "disk")}
-    return registry.get(q["driver"]).run(q, run_dir, progress=progress, facts=facts)
+    driver = registry.get(q["driver"])
+    if driver.writes_along:
+        return driver.run(q, run_dir, progress=progress, facts=facts, export=along_settings(q, export))
+    return driver.run(q, run_dir, progress=progress, facts=facts)
+
+
+def along_settings(q: dict, export: dict | None) -> dict | None:
+    """The export settings a streaming pass writes along (checked as step 03 checks them), or None:
+    no `export:` section, `quantize.export_along: false`, or a layout other than v4-serving."""
+    from ..export.recover import export_settings
+
+    if not export or not q.get("export_along", True):
+        return None
+    e = export_settings(export)
+    return e if e["layout"] == "v4-serving" else None

@@ -36,6 +36,7 @@ STREAMING_DEFAULTS = {
     "save_every": 1,  # blocks between resume checkpoints
     "mtp": "calibrate",  # calibrate | skip: the MTP block's routed experts
     "experts_calibration": "sorted",  # sorted (one host sync a forward) | modelopt (its own loop): the same amax
+    "export_along": True,  # write step 03's v4-serving export during the pass (given the export: section)
 }
 MTP_CHOICES = ("calibrate", "skip")
 EXPERTS_CALIBRATION_CHOICES = ("sorted", "modelopt")  # calibrate.experts: the same amax either way
@@ -124,6 +125,8 @@ def streaming_problems(q: dict, settings: dict, model_config: dict | None) -> li
     if q.get("layerwise"):
         problems.append("quantize.layerwise: driver streaming is already per block and resumable "
                         "(quantize.save_every); modelopt's layerwise mode needs the whole model: set it false")
+    if not isinstance(q.get("export_along", True), bool):
+        problems.append(f"quantize.export_along: {q.get('export_along')!r}; write true or false")
     for key in ("gpus", "save_every"):
         if not _positive_int(q.get(key, 1)):
             problems.append(f"quantize.{key}: expected a positive int, got {q.get(key)!r}")

@@ -39,12 +39,14 @@ class Driver:
     or one decoder layer at a time (a streaming driver); `memory_need` says what that costs, and
     the resource checks (step 02's and the preflight's) place it on the machine. `needs_bf16_copy`:
     the driver calibrates step 01's BF16 copy (False: it reads the release itself, and the plan
-    has no step 01).
+    has no step 01). `writes_along`: its `run` takes `export` (settings or None) and writes step
+    03's export during calibration.
     """
 
     name = ""
     loads_whole_model = True
     needs_bf16_copy = True
+    writes_along = False
 
     @classmethod
     def memory_need(cls, model_config: dict, s: dict, q: dict) -> MemoryNeed:
@@ -172,7 +174,9 @@ def finish_export(final: Path | None, work: Path, run_dir: str | Path) -> dict:
 
 
 def generic_export_dir(rec: dict) -> Path | None:
-    """The generic export a step-02 record says was written, or None."""
+    """The generic export a step-02 record says was written, or None (also for the v4-serving export
+    a streaming pass writes along: step 03 verifies that one)."""
     export = rec.get("export") or {}
-    return Path(export["dir"]) if export.get("dir") and export.get("written", True) else None
+    generic = export.get("layout", "generic") == "generic"
+    return Path(export["dir"]) if generic and export.get("dir") and export.get("written", True) else None
 

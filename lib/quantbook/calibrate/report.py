@@ -153,7 +153,11 @@ def outputs_table(run_dir: str | Path, rec: dict) -> pd.DataFrame:
 
     rows = []
     export_dir = generic_export_dir(rec)
-    if export_dir is not None and export_dir.exists():
+    along = rec.get("export") or {}
+    if along.get("along"):
+        rows.append(("v4-serving export (written along the pass; step 03 verifies it)", along["dir"],
+                     size(tree(Path(along["dir"])))))
+    elif export_dir is not None and export_dir.exists():
         rows.append(("export (unified HF, NVFP4)", str(export_dir), size(tree(export_dir))))
     elif export_dir is None:
         rows.append(("export (unified HF, NVFP4)", _not_written(rec), ""))

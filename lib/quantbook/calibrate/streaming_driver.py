@@ -63,6 +63,7 @@ class StreamingDriver(Driver):
     name = "streaming"
     loads_whole_model = False
     needs_bf16_copy = False
+    writes_along = True
 
     @classmethod
     def settings(cls, q: dict) -> dict:
@@ -109,13 +110,15 @@ class StreamingDriver(Driver):
         return memory_need(model_config, s, q)
 
     @classmethod
-    def run(cls, q: dict, run_dir: Path, progress: bool = True, facts: dict | None = None) -> dict:
+    def run(cls, q: dict, run_dir: Path, progress: bool = True, facts: dict | None = None,
+            export: dict | None = None) -> dict:
         facts = facts or cls.preflight(q)
         s, df = dict(facts["settings"]), facts["driver_facts"]
         with DriverRun(run_dir, cls.name, q, resources=facts.get("resources"), streaming=df) as run:
-            run.update(patches=[], patches_note="none: the streaming driver exports nothing and keeps no model")
+            run.update(patches=[], patches_note="none: the streaming driver keeps no model")
             with run.phase("prepare"):
                 job = prepare(q, s, df, run.run_dir)
+                job["along"] = export
             resume = job["plan"]
             run.update(calibration=job["calib"], batch_size=s["batch_size"],
                        resume={k: resume[k] for k in ("resume", "done", "start_block")})
@@ -136,6 +139,9 @@ class StreamingDriver(Driver):
                                                          block_checkpoint.checkpoint_dir(run.run_dir))
             with run.phase("assemble"):
                 out = assemble(run.run_dir, job, per_rank, q)
+            if export is not None:
+                with run.phase("export"):
+                    out["export"] = finish_along(export, run.run_dir, per_rank[0], progress)
             if progress:
                 post = out["post_calibration"]
                 print(f"[quantbook] amax snapshot: {post['snapshot']['tensors']} tensors of {post['quantizers']} "
@@ -332,12 +338,15 @@ class _Process:
         saver = block_checkpoint.Saver(self.run_dir, job["signature"], job["blocks"], self.rank, self.world,
                                        job["plan"]["done"], job["timeline"])
         reader = blocks.ReadAhead(self.release, self.table, self.device.type == "cuda", self.todo)
+        along = self._along(progress)
         timeline, finished = {}, []
         try:
             for k, block in enumerate(self.todo):
                 nxt = self.todo[k + 1] if k + 1 < len(self.todo) else None
                 with memory.phase(block) if memory is not None else nullcontext():
                     timing, entry = self._block(block, nxt, reader)
+                    if along is not None:
+                        along.block_done(entry["amax"], block_layers(block))
                     finished.append(entry)
                     done_after = len(job["blocks"]) - len(self.todo) + k + 1
                     save = nxt is None or done_after % job["save_every"] == 0
@@ -356,10 +365,30 @@ class _Process:
         except BaseException:
             reader.close()
             saver.close(raise_errors=False)  # a save in flight is complete and valid: let it finish
+            if along is not None:
+                along.close()  # a shard being written finishes and is recorded; queued ones are dropped
             raise
         reader.close()
         saver.close()
-        return {"rank": self.rank, "device": str(self.device), "timeline": timeline}
+        out = {"rank": self.rank, "device": str(self.device), "timeline": timeline}
+        if along is not None:
+            out["along"] = {"wait_s": round(along.wait(), 3), "shards": along.timeline}
+            along.close()
+        return out
+
+    def _along(self, progress: bool):
+        """Process 0's writer of the export along the pass (`quantize.export_along`), told about the
+        blocks an earlier run saved; None when the run writes no export."""
+        if self.rank != 0 or not self.job.get("along"):
+            return None
+        from ..export.along import Along
+
+        along = Along(self.job["along"], progress=False)
+        done = self.job["plan"]["done"]
+        if done:
+            amax, _ = block_checkpoint.collect(self.run_dir)
+            along.block_done(amax, [layer for b in done for layer in block_layers(b)])
+        return along
 
     def _block(self, block: str, nxt: str | None, reader) -> tuple[dict, dict]:
         """Read (ahead), build, calibrate and reduce one block; its timing and its results to save."""
@@ -500,6 +529,30 @@ def _calibrate(cfg, path: str, layer, inputs: list, kwargs_of, quant_cfg: dict, 
 
 # ---------------------------------------------------------------------------------------------
 # the run's outputs (the parent process)
+
+
+def block_layers(block: str) -> list[tuple[str, int]]:
+    """The (block kind, layer) whose amax a calibration block makes final: `layers.3` -> [("layers", 3)]."""
+    kind, i = block.split(".")
+    return [(kind, int(i))]
+
+
+def finish_along(export: dict, run_dir: Path, rank0: dict, progress: bool) -> dict:
+    """After the pass: step 03's call on the run's `amax.safetensors` adopts the shards written along
+    and writes the rest, the index and configs (export.along); the export's record for quantize.json."""
+    from ..amax import SNAPSHOT
+    from ..export.layout import write_serving_layout
+
+    report = write_serving_layout(export["source"], run_dir / SNAPSHOT, export["dir"],
+                                  cast_mxfp4_to_nvfp4=export["cast_mxfp4_to_nvfp4"], mtp_experts=export["mtp_experts"],
+                                  workers=export["workers"], device="cpu", progress=progress)
+    along = rank0.get("along") or {"wait_s": 0.0, "shards": []}
+    return {"written": True, "layout": "v4-serving", "dir": str(export["dir"]), "along": True,
+            "shards_written_along": len(along["shards"]), "shards_written_at_end": report["shards_written"],
+            "shards": report["shards"], "bytes": report["bytes"], "along_wait_s": along["wait_s"],
+            "along_shards": along["shards"],
+            "why": "driver streaming wrote step 03's v4-serving export along the pass (quantize.export_along); "
+                   "step 03 verifies it and runs the gate"}
 
 
 def assemble(run_dir: Path, job: dict, per_rank: list[dict], q: dict) -> dict:

@@ -241,32 +241,64 @@ def resolve_amax(ea: ExpertAmax, config: dict, src: Checkpoint | None, use_weigh
     row = 0
     for block, n in blocks:
         where = "the MTP block" if block == "mtp" else "the model"
-        weights = use_weight_amax and block == "layers"
+
+        def fill(name, group, projs, why, v, block=block, where=where):
+            fills.append({"projection": name, "amax": "input", "found": why, "value": _json_number(v),
+                          "filled_with": float(fallback[block][group]),
+                          "rule": f"largest calibrated {'/'.join(projs)} input amax in {where}"})
+            return fallback[block][group]
+
         for i in range(n):
-            for j in range(E):
-                for group, projs, wcol, icol in _GROUPS:
-                    ins, ws = [], []
-                    for proj in projs:
-                        name = expert_prefix(i, j, proj, block)
-                        v = ea.input.get(name)
-                        why = amax_problem(v)
-                        if why is None:
-                            ins.append(v)
-                            calibrated["mtp_input" if block == "mtp" else "input"] += 1
-                        else:
-                            fills.append({"projection": name, "amax": "input", "found": why, "value": _json_number(v),
-                                          "filled_with": float(fallback[block][group]),
-                                          "rule": f"largest calibrated {'/'.join(projs)} input amax in {where}"})
-                            ins.append(fallback[block][group])
-                        if weights:
-                            w, filled = _weight_amax(ea, src, name, fills)
-                            ws.append(w)
-                            calibrated["weight"] += not filled
-                    table[row + i, j, icol] = torch.stack(ins).max()
-                    if weights:
-                        table[row + i, j, wcol] = torch.stack(ws).max()
+            table[row + i] = _layer_rows(ea, block, i, E, use_weight_amax and block == "layers", src, fill, fills,
+                                         calibrated)
         row += n
     return Resolved(table, fills, calibrated, L)
+
+
+def _layer_rows(ea: ExpertAmax, block: str, i: int, E: int, weights: bool, src: Checkpoint | None, fill,
+                fills: list, calibrated: dict) -> torch.Tensor:
+    """The [E, 4] amax of layer `i` of `block` (w1/w3 fused); an unusable input amax is replaced by
+    `fill(name, group, projs, why, value)`, weight fills go to `fills`; counts what was calibrated."""
+    rows = torch.zeros(E, 4, dtype=torch.float32)
+    for j in range(E):
+        for group, projs, wcol, icol in _GROUPS:
+            ins, ws = [], []
+            for proj in projs:
+                name = expert_prefix(i, j, proj, block)
+                v = ea.input.get(name)
+                why = amax_problem(v)
+                if why is None:
+                    ins.append(v)
+                    calibrated["mtp_input" if block == "mtp" else "input"] += 1
+                else:
+                    ins.append(fill(name, group, projs, why, v))
+                if weights:
+                    w, filled = _weight_amax(ea, src, name, fills)
+                    ws.append(w)
+                    calibrated["weight"] += not filled
+            rows[j, icol] = torch.stack(ins).max()
+            if weights:
+                rows[j, wcol] = torch.stack(ws).max()
+    return rows
+
+
+class NeedsModelAmax(Exception):
+    """A layer's input amax needs a fill, whose value depends on every layer's amax."""
+
+
+def layer_rows_alone(ea: ExpertAmax, block: str, i: int, config: dict, src: Checkpoint | None,
+                     use_weight_amax: bool) -> torch.Tensor | None:
+    """Layer `i`'s rows of `resolve_amax`'s table from that layer's amax alone, or None when an input
+    amax must be filled (the fill is the largest in the whole model: known only at the end)."""
+    def fill(*_):
+        raise NeedsModelAmax
+
+    counts = {"weight": 0, "input": 0, "mtp_input": 0}
+    try:
+        return _layer_rows(ea, block, i, config["n_routed_experts"], use_weight_amax and block == "layers", src, fill,
+                           [], counts)
+    except NeedsModelAmax:
+        return None
 
 
 def _weight_amax(ea: ExpertAmax, src: Checkpoint | None, name: str, fills: list) -> tuple[torch.Tensor, bool]:
@@ -392,13 +424,11 @@ def check_options(cast_mxfp4_to_nvfp4, mtp_experts) -> None:
                           f"nvfp4: {MTP_SERVING['nvfp4']['drafts_correctly_on']} does)")
 
 
-def plan(src: str | Path, dst: str | Path, amax, cast_mxfp4_to_nvfp4: bool = True,
-         mtp_experts: str = "released") -> LayoutPlan:
-    """Validate the release (every header, name, dtype, shape) and the amax, and plan every output shard."""
+def open_release(src: Path, dst: Path, cast_mxfp4_to_nvfp4: bool, mtp_experts: str):
+    """The release validated for this layout (every header, name, dtype, shape): (its plan, a reader)."""
     from ..release.convert import plan as release_plan
 
     check_options(cast_mxfp4_to_nvfp4, mtp_experts)
-    src, dst = Path(src).resolve(), Path(dst).resolve()
     rp = release_plan(src, dst)  # refuses anything outside the V4 release format
     config = rp.config
     if config.get("expert_dtype", "fp4") != "fp4":
@@ -406,7 +436,21 @@ def plan(src: str | Path, dst: str | Path, amax, cast_mxfp4_to_nvfp4: bool = Tru
                           "FP4-expert release (base models with FP8 experts are not supported)")
     if mtp_experts == "nvfp4" and not mtp_layers(config):
         raise LayoutError(f"{src}: mtp_experts nvfp4, but config.json has no MTP layer (num_nextn_predict_layers)")
-    reader = Checkpoint(src)
+    return rp, Checkpoint(src)
+
+
+def layout_options(cast_mxfp4_to_nvfp4: bool, mtp_experts: str) -> dict:
+    """What, besides the release and the amax, decides the bytes (recorded in the manifest)."""
+    return {"layout": LAYOUT, "layout_version": LAYOUT_VERSION, "cast_mxfp4_to_nvfp4": cast_mxfp4_to_nvfp4,
+            "mtp_experts": mtp_experts}
+
+
+def plan(src: str | Path, dst: str | Path, amax, cast_mxfp4_to_nvfp4: bool = True,
+         mtp_experts: str = "released") -> LayoutPlan:
+    """Validate the release (every header, name, dtype, shape) and the amax, and plan every output shard."""
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    rp, reader = open_release(src, dst, cast_mxfp4_to_nvfp4, mtp_experts)
+    config = rp.config
     amax_info = {"origin": str(amax) if isinstance(amax, (str, Path)) else "in-memory"}
     if isinstance(amax, (str, Path)):
         amax_info[HASH] = file_digest(amax)
@@ -414,6 +458,19 @@ def plan(src: str | Path, dst: str | Path, amax, cast_mxfp4_to_nvfp4: bool = Tru
     amax_info["ignored"] = ea.ignored
     resolved = resolve_amax(ea, config, reader, use_weight_amax=not cast_mxfp4_to_nvfp4, mtp_experts=mtp_experts)
 
+    jobs, weight_map = shard_jobs(reader, mtp_experts)
+    options = layout_options(cast_mxfp4_to_nvfp4, mtp_experts)
+    p = LayoutPlan(src, dst, config, rp.source_id, jobs, weight_map,
+                   {k: v for k, v in (reader.index.get("metadata") or {}).items() if k != "total_size"},
+                   rp.extra_files, options, resolved, amax_info)
+    h = hashlib.sha256(json.dumps({"source_id": p.source_id, **options}, sort_keys=True).encode())
+    h.update(resolved.table.contiguous().view(torch.uint8).numpy().tobytes())
+    p.identity = h.hexdigest()
+    return p
+
+
+def shard_jobs(reader: Checkpoint, mtp_experts: str = "released") -> tuple[list[ShardJob], dict]:
+    """Every output shard's entries and operations, and the index's weight map, from the release's headers."""
     jobs, weight_map = [], {}
     for shard in reader.shards:
         hd = reader.header(shard)
@@ -438,15 +495,22 @@ def plan(src: str | Path, dst: str | Path, amax, cast_mxfp4_to_nvfp4: bool = Tru
                 weight_map[n] = shard
         else:
             weight_map[name] = shard
-    options = {"layout": LAYOUT, "layout_version": LAYOUT_VERSION, "cast_mxfp4_to_nvfp4": cast_mxfp4_to_nvfp4,
-               "mtp_experts": mtp_experts}
-    p = LayoutPlan(src, dst, config, rp.source_id, jobs, weight_map,
-                   {k: v for k, v in (reader.index.get("metadata") or {}).items() if k != "total_size"},
-                   rp.extra_files, options, resolved, amax_info)
-    h = hashlib.sha256(json.dumps({"source_id": p.source_id, **options}, sort_keys=True).encode())
-    h.update(resolved.table.contiguous().view(torch.uint8).numpy().tobytes())
-    p.identity = h.hexdigest()
-    return p
+    return jobs, weight_map
+
+
+def shard_layers(job: ShardJob) -> list[tuple[str, int]]:
+    """The (block, layer) of the routed experts a shard converts, `("layers", 3)` or `("mtp", 0)`."""
+    out = {("mtp" if x.mtp else "layers", x.layer) for kind, what in job.ops if kind == "expert"
+           for x in [expert_name(what)]}
+    return sorted(out)
+
+
+def rows_digest(table: torch.Tensor, main_layers: int, layers: list[tuple[str, int]]) -> str:
+    """sha256 of the resolved-amax rows of these layers: what a shard's bytes depend on besides the release."""
+    h = hashlib.sha256()
+    for block, i in layers:
+        h.update(table[i if block == "layers" else main_layers + i].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- configs
@@ -518,6 +582,26 @@ def check_destination(p: LayoutPlan) -> None:
     resume.check_destination(p.src, p.dst, MANIFEST, p.jobs, foreign, what="export directory")
 
 
+def adopt_along(p: LayoutPlan) -> None:
+    """Take over the shards step 02 wrote along calibration (export.along: its manifest says `along`):
+    a shard whose layers' amax rows equal this plan's holds this plan's bytes and is kept (its file
+    is verified as any recorded shard), the others are dropped and written again; the manifest then
+    names this plan, as if this run had written them."""
+    m = atomic.read_json(p.dst / MANIFEST)
+    if not m or not m.get("along") or m.get("source_id") != p.source_id or m.get("options") != p.options:
+        return
+    jobs = {j.name: j for j in p.jobs}
+    main = p.config["num_hidden_layers"]
+    keep = {}
+    for name, rec in m.get("shards", {}).items():
+        rows = rec.pop("amax_rows", None)
+        if name in jobs and rows == rows_digest(p.resolved.table, main, shard_layers(jobs[name])):
+            keep[name] = rec
+    m.pop("along")
+    m.update(identity=p.identity, amax=p.amax_info, shards=keep, complete=False)
+    atomic.write_json(p.dst / MANIFEST, m)
+
+
 def run(p: LayoutPlan, workers: int = 2, device: str = "cpu", progress: bool = True, method: str | None = None,
         threads: int | None = None, window: int | None = None) -> dict:
     """Write every shard not already done and verified, then side files, index and configs; returns the report.
@@ -525,6 +609,7 @@ def run(p: LayoutPlan, workers: int = 2, device: str = "cpu", progress: bool = T
     `workers` shards at a time; inside each, `threads` compute threads ahead of the writer and
     `window` projections per task (export.writer.Settings); `method` re-quantizes with `table`
     (CPU) or `modelopt` (batched, the default on CUDA)."""
+    adopt_along(p)
     check_destination(p)
     reader = Checkpoint(p.src)
     if any(not (p.dst / j.name).exists() for j in p.jobs):

@@ -95,10 +95,12 @@ def select_steps(steps: list[Step], spec: str | list[str] | None) -> list[Step]:
 
 def step_parameters(params: dict, step: Step, run_dir: Path, declared: set[str]) -> dict:
     """The values papermill injects: the step's params section, `run_dir`, and for a notebook
-    that declares it, the `tiny` section (step 01 builds the tiny source when it is missing)."""
+    that declares it, the `tiny` section (step 01 builds the tiny source when it is missing) or the
+    `export` section (step 02's streaming driver writes the export along calibration)."""
     values = dict(params.get(step.section) or {}) if step.section else {}
-    if "tiny" in declared and "tiny" not in values:
-        values["tiny"] = params.get("tiny")
+    for other in ("tiny", "export"):  # 01 builds the tiny source when missing; 02 may write the export along
+        if other in declared and other != step.section and other not in values:
+            values[other] = params.get(other)
     values["run_dir"] = str(run_dir)
     return values
 

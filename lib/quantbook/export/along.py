@@ -1,0 +1,144 @@
+"""Step 03's v4-serving export written during step 02's streaming pass (`quantize.export_along`).
+
+A layer's shard depends on the release and on that layer's amax only (its experts' input amax, and
+with `cast_mxfp4_to_nvfp4: false` their weight amax), unless an amax must be filled: the fill is the
+largest of the whole model, known at the end. So while the streaming driver calibrates, each shard is
+written as soon as its layers' amax are final, by the same writer step 03 uses (export.writer),
+in a background thread, while the next blocks are read and calibrated:
+
+    at the start    the shards without routed experts (embedding, head), and whatever an earlier,
+                    killed pass recorded and still verifies is kept
+    each block      its amax (reduced over processes) are final: every shard whose layers are all
+                    final and need no fill is written (`.partial`, fsync, rename, then recorded in
+                    `quantbook-layout.json` with the digest of the amax rows it used)
+    the end         `layout.write_serving_layout` with the run's `amax.safetensors`, the call step 03
+                    makes: it adopts each recorded shard whose amax rows are its own (layout.adopt_along),
+                    writes what is left (a shard that needed a fill, one a kill cut short), then the
+                    index and configs
+
+The export is byte for byte step 03's from the same amax (tests/test_along.py); step 03 then finds it
+complete, verifies it and runs the gate.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from .. import atomic
+from ..release.resume import check_owner, verified
+from . import layout, writer
+
+
+class Along:
+    """The export directory being written while blocks are calibrated (one per run, in the process
+    that holds the reduced amax)."""
+
+    def __init__(self, e: dict, progress: bool = True):
+        self.e, self.progress = e, progress
+        self.src, self.dst = Path(e["source"]).resolve(), Path(e["dir"]).resolve()
+        rp, self.reader = layout.open_release(self.src, self.dst, e["cast_mxfp4_to_nvfp4"], e["mtp_experts"])
+        self.config, self.options = rp.config, layout.layout_options(e["cast_mxfp4_to_nvfp4"], e["mtp_experts"])
+        self.jobs, _ = layout.shard_jobs(self.reader, e["mtp_experts"])
+        self.layers = {j.name: layout.shard_layers(j) for j in self.jobs}
+        self.main = self.config["num_hidden_layers"]
+        self.fresh = {"kind": "quantbook.layout", "layout": layout.LAYOUT, "source": str(self.src),
+                      "source_id": rp.source_id, "options": self.options, "along": True, "complete": False}
+        self.manifest = self._open()
+        self.amax: dict = {}
+        self.final: set[tuple[str, int]] = set()
+        self.pending = [j for j in self.jobs]
+        self.timeline: list[dict] = []
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantbook-along")
+        self._futures: list[Future] = []
+        self._submit_ready()
+
+    def _open(self) -> dict:
+        """The manifest to carry on from: a killed pass's (same release and options), else a fresh one.
+        Anything else in the directory is refused, with step 03's reasons."""
+        def foreign(m):
+            if not m.get("along"):
+                return "an export that is not this pass's (step 03 wrote it: remove it or export elsewhere)"
+            if m.get("source_id") != self.fresh["source_id"] or m.get("options") != self.options:
+                return "another release's or other options' partial export"
+
+        self.dst.mkdir(parents=True, exist_ok=True)
+        m = check_owner(self.src, self.dst, layout.MANIFEST, foreign, what="export directory")
+        for stale in [*self.dst.glob("*.partial"), *self.dst.glob(atomic.TEMP_GLOB)]:  # a killed pass's
+            stale.unlink()
+        m = m or {**self.fresh, "shards": {}}
+        m["shards"] = {n: r for n, r in m.get("shards", {}).items() if verified(self.dst, n, r)}
+        atomic.write_json(self.dst / layout.MANIFEST, m)
+        return m
+
+    def block_done(self, amax: dict, layers: list[tuple[str, int]]) -> None:
+        """These layers' amax are final (snapshot names, as `amax.safetensors` holds them): write every
+        shard they complete, in the background."""
+        for f in self._futures:  # a shard that failed stops the pass at the next block, not at the end
+            if f.done() and f.exception() is not None:
+                raise f.exception()
+        self.amax.update(amax)
+        self.final.update(layers)
+        self._submit_ready()
+
+    def _submit_ready(self) -> None:
+        ready = [j for j in self.pending if set(self.layers[j.name]) <= self.final]
+        if not ready:
+            return
+        ea = layout.expert_amax(self.amax, self.config, self.e["mtp_experts"])
+        for job in ready:
+            table = self._rows(ea, job)
+            self.pending.remove(job)
+            if table is not None:
+                self._futures.append(self._pool.submit(self._write, job, table))
+
+    def _rows(self, ea, job):
+        """A table holding this shard's layers' rows (the rest zero), or None when one needs a fill."""
+        import torch
+
+        e, E = self.e, self.config["n_routed_experts"]
+        mtp = layout.mtp_layers(self.config) if e["mtp_experts"] == "nvfp4" else 0
+        table = torch.zeros(self.main + mtp, E, 4, dtype=torch.float32)
+        for block, i in self.layers[job.name]:
+            rows = layout.layer_rows_alone(ea, block, i, self.config, self.reader,
+                                           use_weight_amax=not e["cast_mxfp4_to_nvfp4"])
+            if rows is None:
+                return None
+            table[i if block == "layers" else self.main + i] = rows
+        return table
+
+    def _write(self, job, table) -> None:
+        digest = layout.rows_digest(table, self.main, self.layers[job.name])
+        rec = self.manifest["shards"].get(job.name)
+        if rec and rec.get("amax_rows") == digest:
+            return  # a killed pass wrote it from the same amax, and it still verifies
+        resolved = layout.Resolved(table, [], {}, self.main)
+        carried = lambda prefix: self.options["cast_mxfp4_to_nvfp4"] or layout.expert_name(prefix).mtp  # noqa: E731
+        s = writer.Settings(carried, resolved.amax, "cpu")
+        t0 = time.perf_counter()
+        rec = writer.write_shard(self.dst / job.name, job.entries, job.ops, self.reader, s)
+        with self._lock:
+            self.manifest["shards"][job.name] = {**rec, "amax_rows": digest}
+            atomic.write_json(self.dst / layout.MANIFEST, self.manifest)
+            self.timeline.append({"shard": job.name, "bytes": rec["size"], "write_s": round(time.perf_counter() - t0, 3),
+                                  "layers": [f"{b}.{i}" for b, i in self.layers[job.name]]})
+
+    def wait(self) -> float:
+        """Block until every submitted shard is written (raising a writer's error); seconds waited."""
+        t0 = time.perf_counter()
+        for f in self._futures:
+            f.result()
+        self._futures = []
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Stop: shards being written finish (complete and recorded), queued ones are dropped."""
+        for f in self._futures:
+            f.cancel()
+        self._pool.shutdown(wait=True)
+
+
+__all__ = ["Along"]
