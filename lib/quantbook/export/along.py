@@ -4,7 +4,7 @@ A layer's shard depends on the release and on that layer's amax only (its expert
 with `cast_mxfp4_to_nvfp4: false` their weight amax), unless an amax must be filled: the fill is the
 largest of the whole model, known at the end. So while the streaming driver calibrates, each shard is
 written as soon as its layers' amax are final, by the same writer step 03 uses (export.writer),
-in a background thread, while the next blocks are read and calibrated:
+in background threads (`export.workers` shards at a time), while the next blocks are read and calibrated:
 
     at the start    the shards without routed experts (embedding, head), and whatever an earlier,
                     killed pass recorded and still verifies is kept
@@ -52,7 +52,7 @@ class Along:
         self.pending = [j for j in self.jobs]
         self.timeline: list[dict] = []
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantbook-along")
+        self._pool = ThreadPoolExecutor(max_workers=max(1, e["workers"]), thread_name_prefix="quantbook-along")
         self._futures: list[Future] = []
         self._submit_ready()
 

@@ -441,7 +441,11 @@ def _export(ctx: Context) -> None:
 
         manifest = ctx.attempt("03", "destination", str(dst), resume.check_owner, rel["src"], dst, layout.MANIFEST,
                                foreign, "export directory")
-        if manifest is not None and "02" in ctx.steps:
+        along = _writes_along(ctx)
+        if manifest is not None and "02" in ctx.steps and along and manifest.get("along"):
+            ctx.add("03", "destination", str(dst), OK, "a killed pass's export written along step 02: its shards that "
+                    "verify and match the new amax are kept, the others written again")
+        elif manifest is not None and "02" in ctx.steps:
             ctx.add("03", "destination", str(dst), REFUSE, "holds an export made with other amax; this run calibrates "
                     "anew, so step 03 would refuse it: empty it or choose another export.dir")
         shards = layout.shard_bytes(rel["config"], e["mtp_experts"])
@@ -456,6 +460,13 @@ def _export(ctx: Context) -> None:
                               route="carry" if e.get("cast_mxfp4_to_nvfp4", True) else "requant")
         what = f"write the v4-serving layout ({rel['config']['num_hidden_layers']} layers x " \
                f"{rel['config']['n_routed_experts']} experts NVFP4)"
+        if along:
+            write_s = rates_mod.seconds(rate, nbytes=todo) if rate else None
+            _overlap_with_calibration(ctx, write_s)
+            ctx.plan.append({"step": "03", "what": what + ": along step 02's pass (quantize.export_along)",
+                             "runs": "in 02", "bytes": todo, "seconds": write_s,
+                             "rate": rates_mod.describe(rate) if rate else None})
+            what, rate = None, None
     else:
         from ..calibrate import registry
         from ..calibrate.resources import export_bytes
@@ -474,9 +485,10 @@ def _export(ctx: Context) -> None:
         todo = export_bytes(tensors, {"qformat": "nvfp4_experts_only"})
         ctx.output("03", "generic export", dst, todo)
         rate, what = None, "restore the state and write modelopt's generic export"
-    ctx.plan.append({"step": "03", "what": what, "runs": "yes", "bytes": todo,
-                     "seconds": rates_mod.seconds(rate, nbytes=todo) if rate else None,
-                     "rate": rates_mod.describe(rate) if rate else None})
+    if what is not None:
+        ctx.plan.append({"step": "03", "what": what, "runs": "yes", "bytes": todo,
+                         "seconds": rates_mod.seconds(rate, nbytes=todo) if rate else None,
+                         "rate": rates_mod.describe(rate) if rate else None})
     rate = rates_mod.pick(ctx.rates, "verify", device=e["device"], workers=e["workers"], cpus=ctx.machine.cpus)
     ctx.plan.append({"step": "03", "what": "verify the export" + (f" ({e['verify_sample']} expert tensors)"
                                                                    if e["verify_sample"] else " (every expert tensor)"),
@@ -491,6 +503,22 @@ def _export(ctx: Context) -> None:
                                                f"{f['seq']} held-out tokens ({f['engine']}, {f['mode']})",
                          "runs": "yes", "seconds": rates_mod.seconds(rate, layers=blocks_n) if rate else None,
                          "rate": rates_mod.describe(rate) if rate else None})
+
+
+def _writes_along(ctx: Context) -> bool:
+    """Does step 02 of this run write the export along its pass (driver streaming, quantize.export_along)?"""
+    q = ctx.params.get("quantize") or {}
+    return "02" in ctx.steps and q.get("driver") == "streaming" and q.get("export_along", True) is True
+
+
+def _overlap_with_calibration(ctx: Context, write_s: float | None) -> None:
+    """Step 02's planned time when it also writes the export: the longer of its calibration and the
+    writer (they run side by side, block by block); unknown when either is."""
+    row = next((r for r in ctx.plan if r["step"] == "02" and r["what"].startswith("calibrate")), None)
+    if row is None:
+        return
+    row["what"] += " + the v4-serving export written along"
+    row["seconds"] = None if row.get("seconds") is None or write_s is None else max(row["seconds"], write_s)
 
 
 def _fidelity(ctx: Context, e: dict) -> None:
