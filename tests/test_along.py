@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from layout_helpers import files
-from requires import importorskip
+import requires
 from test_streaming import streaming_q
 
-importorskip("modelopt")
+requires.importorskip("modelopt")
 
 MTP_NVFP4 = {"cast_mxfp4_to_nvfp4": False, "mtp_experts": "nvfp4"}  # weight amax and MTP rows used too
 

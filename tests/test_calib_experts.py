@@ -6,9 +6,9 @@ the streaming driver (sorted by default) with the modelopt driver's whole-model 
 import copy
 
 import pytest
-from requires import importorskip
+import requires
 
-importorskip("modelopt")
+requires.importorskip("modelopt")
 
 
 def _experts(seed: int, n: int = 12, hidden: int = 64, inter: int = 32):

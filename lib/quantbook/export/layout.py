@@ -258,7 +258,8 @@ def resolve_amax(ea: ExpertAmax, config: dict, src: Checkpoint | None, use_weigh
 def _layer_rows(ea: ExpertAmax, block: str, i: int, E: int, weights: bool, src: Checkpoint | None, fill,
                 fills: list, calibrated: dict) -> torch.Tensor:
     """The [E, 4] amax of layer `i` of `block` (w1/w3 fused); an unusable input amax is replaced by
-    `fill(name, group, projs, why, value)`, weight fills go to `fills`; counts what was calibrated."""
+    `fill(name, group, projs, why, value)` (None from it: no rows, None returned), weight fills go to
+    `fills`; counts what was calibrated."""
     rows = torch.zeros(E, 4, dtype=torch.float32)
     for j in range(E):
         for group, projs, wcol, icol in _GROUPS:
@@ -271,7 +272,10 @@ def _layer_rows(ea: ExpertAmax, block: str, i: int, E: int, weights: bool, src: 
                     ins.append(v)
                     calibrated["mtp_input" if block == "mtp" else "input"] += 1
                 else:
-                    ins.append(fill(name, group, projs, why, v))
+                    filled = fill(name, group, projs, why, v)
+                    if filled is None:
+                        return None
+                    ins.append(filled)
                 if weights:
                     w, filled = _weight_amax(ea, src, name, fills)
                     ws.append(w)
@@ -282,23 +286,13 @@ def _layer_rows(ea: ExpertAmax, block: str, i: int, E: int, weights: bool, src: 
     return rows
 
 
-class NeedsModelAmax(Exception):
-    """A layer's input amax needs a fill, whose value depends on every layer's amax."""
-
-
 def layer_rows_alone(ea: ExpertAmax, block: str, i: int, config: dict, src: Checkpoint | None,
                      use_weight_amax: bool) -> torch.Tensor | None:
     """Layer `i`'s rows of `resolve_amax`'s table from that layer's amax alone, or None when an input
     amax must be filled (the fill is the largest in the whole model: known only at the end)."""
-    def fill(*_):
-        raise NeedsModelAmax
-
     counts = {"weight": 0, "input": 0, "mtp_input": 0}
-    try:
-        return _layer_rows(ea, block, i, config["n_routed_experts"], use_weight_amax and block == "layers", src, fill,
-                           [], counts)
-    except NeedsModelAmax:
-        return None
+    return _layer_rows(ea, block, i, config["n_routed_experts"], use_weight_amax and block == "layers", src,
+                       lambda *_: None, [], counts)
 
 
 def _weight_amax(ea: ExpertAmax, src: Checkpoint | None, name: str, fills: list) -> tuple[torch.Tensor, bool]:
