@@ -132,7 +132,7 @@ def test_ci_runs_the_readme_commands_in_the_readme_order():
 
 
 def test_ci_requires_modelopt_and_a_missing_one_fails(monkeypatch):
-    """Item 17: a broken modelopt install turned into skips (pytest.importorskip in 8 files; 10 now). .ci/run sets
+    """Item 17: a broken modelopt install turned into skips (pytest.importorskip in 8 files; 10 use modelopt now). .ci/run sets
     QUANTBOOK_REQUIRE_MODELOPT=1, under which a module that cannot be imported fails the collection."""
     import requires
 
