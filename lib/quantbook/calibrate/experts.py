@@ -10,11 +10,13 @@ calibration time.
 `SortedExperts` runs the same computation with one host sync per forward:
 
     order       the (k, token) positions sorted by expert, stably: each expert's rows in the order
-                transformers' `torch.where(mask[e])` gives them (k first, then token)
-    per expert  the same `F.linear` calls on the same rows, the same gate, the same weighting and the
-                same `index_add_`, in ascending expert order: the same output bits
-    amax        max |x| of each projection's inputs, kept on the device (a max is exact whatever the
-                grouping) and handed to the shared input quantizers once, when the forward loop ends
+                transformers' `torch.where(mask[e])` gives them (k first, then token); the rows, their
+                tokens and routing weights gathered once in that order
+    per expert  its slice: the same `F.linear` calls on the same rows, the same gate, the same weighting
+                and the same `index_add_`, in ascending expert order: the same output bits
+    amax        max |x| of each projection's inputs (the gate_up input over every routed row at once, the
+                down input per expert), kept on the device (a max is exact whatever the grouping) and
+                handed to the shared input quantizers once, when the forward loop ends
 
 The weight quantizers need nothing from the forward: modelopt's `max_calibrate` calibrates every
 expert's weights from the weights themselves before the forward loop, and a weight collected again
@@ -42,32 +44,43 @@ class SortedExperts:
         self.gate_up_max: torch.Tensor | None = None
         self.down_max: torch.Tensor | None = None
 
-    def _keep(self, name: str, x: torch.Tensor) -> None:
-        m, held = _amax(x), getattr(self, name)
+    def _keep(self, name: str, m: torch.Tensor) -> None:
+        held = getattr(self, name)
         setattr(self, name, m if held is None else torch.maximum(held, m))
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        """transformers' eager `DeepseekV4Experts.forward`, computed the same way, syncing once."""
+        """transformers' eager `DeepseekV4Experts.forward`, computed the same way, syncing once.
+
+        Every routed row, its token and its weight are gathered once, in expert order; each expert
+        then takes its slice (rows in torch.where's order: the same matrices, the same GEMMs)."""
         e = self.module
-        n, (tokens, k) = e.num_experts, top_k_index.shape
+        n, tokens = e.num_experts, top_k_index.shape[0]
         final = torch.zeros_like(hidden_states)
         flat = top_k_index.t().reshape(-1)  # position p = k * tokens + token: torch.where's order
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=n + 1).tolist()
+        routed = sum(counts[:n])
+        order = order[:routed]  # the sentinel expert n (if any) sorts last
+        token_idx = order % tokens
+        weights = top_k_weights.t().reshape(-1)[order]  # top_k_weights[token, k] of each row
+        rows = hidden_states[token_idx]
+        if routed:
+            self._keep("gate_up_max", _amax(rows))
+        lows = torch.zeros(n, dtype=hidden_states.dtype, device=hidden_states.device)  # 0: an expert not hit
+        highs = torch.zeros_like(lows)
         start = 0
         for expert, c in enumerate(counts[:n]):
             if not c:
                 continue
-            pos = order[start:start + c]
-            start += c
-            top_k_pos, token_idx = pos // tokens, pos % tokens
-            x = hidden_states[token_idx]
-            self._keep("gate_up_max", x)
-            h = e._apply_gate(F.linear(x, e.gate_up_proj[expert]))
-            self._keep("down_max", h)
-            h = F.linear(h, e.down_proj[expert]) * top_k_weights[token_idx, top_k_pos, None]
-            final.index_add_(0, token_idx, h.to(final.dtype))
+            end = start + c
+            h = e._apply_gate(F.linear(rows[start:end], e.gate_up_proj[expert]))
+            torch.aminmax(h, out=(lows[expert], highs[expert]))
+            h = F.linear(h, e.down_proj[expert]) * weights[start:end, None]
+            final.index_add_(0, token_idx[start:end], h.to(final.dtype))
+            start = end
+        if routed:
+            self._keep("down_max", torch.maximum(highs.abs().max(), lows.abs().max()))
         return final
 
     def hand_over(self) -> None:
