@@ -60,11 +60,39 @@ def tiny_src(tmp_path_factory):
 @pytest.fixture(scope="session")
 def pro_release(tmp_path_factory):
     """V4 Pro's release as sparse files: the real shard layout, headers, index and config, data as
-    holes (805 GiB apparent, a few MiB on disk). Read-only."""
+    holes (805 GiB apparent, a few MiB on disk). Read-only.
+
+    Read-only, so its step-01 plan (`convert.plan`: every header parsed and validated, the release
+    fingerprinted) is the same each time: while this fixture lives, the worker plans it once and
+    hands each later caller that plan with the caller's destination (`plan_once`). About twenty
+    full-size preflights ask for it, 4-5 s each on this machine."""
+    from quantbook.release import convert
     from quantbook.release.format import PRO_CONFIG
     from quantbook.release.sparse import write_sparse_release
 
-    return Path(shared(tmp_path_factory, "sparse", lambda d: write_sparse_release(PRO_CONFIG, d / "DeepSeek-V4-Pro-FP8")))
+    release = Path(shared(tmp_path_factory, "sparse", lambda d: write_sparse_release(PRO_CONFIG, d / "DeepSeek-V4-Pro-FP8")))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(convert, "plan", plan_once(release, convert.plan))
+        yield release
+
+
+def plan_once(release: Path, plan):
+    """`plan` (convert.plan) that plans the read-only `release` on its first call only and answers
+    later calls for it with that plan, its destination replaced; any other source is planned as
+    always. A failed plan is not kept (the next call plans again and raises its own error)."""
+    import dataclasses
+
+    release = release.resolve()
+    kept = {}
+
+    def planned(src, dst):
+        if Path(src).resolve() != release:
+            return plan(src, dst)
+        if "plan" not in kept:
+            kept["plan"] = plan(src, dst)
+        return dataclasses.replace(kept["plan"], dst=Path(dst).resolve())
+
+    return planned
 
 
 @pytest.fixture(scope="session")
