@@ -57,14 +57,55 @@ def tiny_src(tmp_path_factory):
     return Path(shared(tmp_path_factory, "tiny", lambda d: make_tiny(d / "DeepSeek-V4-tiny-FP8", seed=0)))
 
 
+# Read-only releases (resolved path -> their step-01 plan once made, None before): `convert.plan` of one of
+# these is made once per worker and handed to each later caller with the caller's destination.
+READ_ONLY: dict = {}
+
+
+def read_only_release(release: Path) -> Path:
+    """Register `release` as read-only: no test changes it, so its `convert.plan` (every header parsed
+    and validated, the release fingerprinted: 4-5 s at V4 Pro's size on this machine, asked by each
+    full-size preflight and rehearsal) is the same at every call and is made once (`plan_once`)."""
+    READ_ONLY.setdefault(release.resolve(), None)
+    return release
+
+
+def plan_once(plan):
+    """`plan` (convert.plan) that plans a `READ_ONLY` release on its first call only and answers later
+    calls for it with that plan, its destination replaced; any other source is planned as always. A
+    failed plan is not kept (the next call plans again and raises its own error)."""
+    import dataclasses
+
+    def planned(src, dst):
+        key = Path(src).resolve()
+        if key not in READ_ONLY:
+            return plan(src, dst)
+        if READ_ONLY[key] is None:
+            READ_ONLY[key] = plan(src, dst)
+        return dataclasses.replace(READ_ONLY[key], dst=Path(dst).resolve())
+
+    return planned
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _read_only_plans():
+    """`convert.plan` through `plan_once` for the whole run (a no-op for releases not `READ_ONLY`)."""
+    from quantbook.release import convert
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(convert, "plan", plan_once(convert.plan))
+        yield
+
+
 @pytest.fixture(scope="session")
 def pro_release(tmp_path_factory):
     """V4 Pro's release as sparse files: the real shard layout, headers, index and config, data as
-    holes (805 GiB apparent, a few MiB on disk). Read-only."""
+    holes (805 GiB apparent, a few MiB on disk). Read-only (`read_only_release`: planned once a worker)."""
     from quantbook.release.format import PRO_CONFIG
     from quantbook.release.sparse import write_sparse_release
 
-    return Path(shared(tmp_path_factory, "sparse", lambda d: write_sparse_release(PRO_CONFIG, d / "DeepSeek-V4-Pro-FP8")))
+    return read_only_release(Path(shared(tmp_path_factory, "sparse",
+                                         lambda d: write_sparse_release(PRO_CONFIG, d / "DeepSeek-V4-Pro-FP8"))))
 
 
 @pytest.fixture(scope="session")

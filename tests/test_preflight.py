@@ -73,8 +73,9 @@ def test_this_machine_refuses_with_every_reason(pro_release, tmp_path):
     for ~20 GB of memory, terabytes of outputs for this disk: one verdict listing them all, exit 1."""
     params = write_params(pro_params(tmp_path, pro_release), tmp_path / "pro.yaml")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "lib")}
-    r = subprocess.run([sys.executable, "-m", "quantbook.cli", "preflight", str(params), "--runs-dir",
-                        str(tmp_path / "runs")], capture_output=True, text=True, env=env, timeout=300)
+    cli = [sys.executable, "-m", "quantbook.cli", "preflight", str(params)]
+    # the two invocations are independent: started together, each waited for in turn
+    r, j = _run_together([cli + ["--runs-dir", str(tmp_path / "runs")], cli + ["--json", "--steps", "01"]], env)
     assert r.returncode == 1, r.stderr
     out = r.stdout
     assert "release census (145,116 tensors found, 145,116 implied by config.json)" in out
@@ -83,10 +84,25 @@ def test_this_machine_refuses_with_every_reason(pro_release, tmp_path):
                    "02 data: cnn_dailymail: a hub dataset (abisee/cnn_dailymail",
                    "02 memory: the whole BF16 model (61 layers, 2.91 TiB)", "run disk: BF16 copy (01) +"):
         assert needle in out
-    j = subprocess.run([sys.executable, "-m", "quantbook.cli", "preflight", str(params), "--json", "--steps", "01"],
-                       capture_output=True, text=True, env=env, timeout=300)
     verdict = json.loads(j.stdout)
     assert verdict["steps"] == ["01"] and sum(r["tensors"] for r in verdict["census"]) == PRO_TENSORS
+
+
+def _run_together(commands: list[list[str]], env: dict, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """`subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=...)` of each command, all
+    started at once (each CLI process spends seconds importing and planning: they overlap)."""
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for c in commands]
+    done = []
+    try:
+        for c, p in zip(commands, procs):
+            out, err = p.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(c, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return done
 
 
 def test_tiny_default_passes_here(tmp_path):

@@ -109,9 +109,15 @@ def quick_notebooks(d: Path, cells: dict[str, str] | None = None) -> Path:
 
 @pytest.fixture(scope="module")
 def flash_release(tmp_path_factory):
+    """V4 Flash's release as sparse files. Read-only: planned once for the module (conftest's
+    `read_only_release`), not by each rehearsal and gate of its tests again."""
+    from conftest import READ_ONLY, read_only_release
     from quantbook.release.sparse import write_sparse_release
 
-    return write_sparse_release(FLASH_CONFIG, tmp_path_factory.mktemp("flash") / "DeepSeek-V4-Flash-FP8")
+    release = read_only_release(write_sparse_release(FLASH_CONFIG,
+                                                     tmp_path_factory.mktemp("flash") / "DeepSeek-V4-Flash-FP8"))
+    yield release
+    READ_ONLY.pop(release.resolve(), None)
 
 
 def flash_params(tmp_path: Path, release: Path) -> Path:

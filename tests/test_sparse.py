@@ -45,13 +45,14 @@ def test_fill_writes_the_chosen_tensors(tmp_path):
         write_sparse_release(cfg, tmp_path / "f")
 
 
-def test_layout_plan_at_pro_scale(tmp_path):
-    """Step 03's plan on the full-size Pro release with a complete synthetic amax (no weight is read:
-    every amax is usable, so no fill needs the release's bytes): every shard planned, the sizes the
-    preflight computes from config.json alone."""
+def test_layout_plan_at_pro_scale(pro_release, tmp_path):
+    """Step 03's plan on the full-size Pro release (the run's shared one: `write_sparse_release` of
+    PRO_CONFIG, read-only) with a complete synthetic amax (no weight is read: every amax is usable,
+    so no fill needs the release's bytes): every shard planned, the sizes the preflight computes
+    from config.json alone."""
     from quantbook.export import layout
 
-    out = write_sparse_release(PRO_CONFIG, tmp_path / "pro")
+    out = pro_release
     cfg = load_config(out)
     L, E = cfg["num_hidden_layers"], cfg["n_routed_experts"]
     amax = {f"layers.{i}.ffn.experts.{j}.{p}.{role}_quantizer._amax": torch.tensor(1.0 + j / E)

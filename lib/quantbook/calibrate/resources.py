@@ -10,6 +10,8 @@ before the BF16 copy exists.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -60,8 +62,15 @@ class MemoryNeed:
 def model_sizes(config: dict) -> dict:
     """The BF16 model a config implies, from the tensor table alone: total bytes, the largest shard
     group (a decoder layer: what one device must hold whole) and the number of decoder layers."""
-    groups = [sum(t.nbytes for t in g) for g in bf16_groups(config)]
+    groups = _bf16_group_bytes(json.dumps(config, sort_keys=True))
     return {"total": sum(groups), "largest": max(groups), "layers": config["num_hidden_layers"]}
+
+
+@functools.lru_cache(maxsize=8)
+def _bf16_group_bytes(config_json: str) -> tuple[int, ...]:
+    """Bytes of each BF16 shard group of one config, summed once (a pure function of the config;
+    the preflight and the drivers' memory needs ask for it several times a run)."""
+    return tuple(sum(t.nbytes for t in g) for g in bf16_groups(json.loads(config_json)))
 
 
 def check_memory(need: MemoryNeed, device: str, pct: float, host_available: int, gpus: list[dict],

@@ -356,6 +356,21 @@ def _describe_failure(step: Step, info: dict, exc: BaseException, out_nb: Path, 
     return "\n".join(lines)
 
 
+_EXPORTERS: dict = {}
+
+
+def _html_exporter(cls):
+    """One nbconvert exporter of class `cls` for the process, made on first use. A new exporter
+    builds a new template environment and compiles nbconvert's templates again (~1-3 s, more than
+    converting a step's notebook), and each run converts four; one exporter converts any number
+    (nbconvert's own command line reuses one the same way), with the same output."""
+    exporter = _EXPORTERS.get(cls)
+    if exporter is None:
+        exporter = _EXPORTERS[cls] = cls()
+        exporter.log.setLevel(logging.ERROR)  # not the accessibility notes about figures' alt text
+    return exporter
+
+
 def export_html(notebook: Path, html: Path) -> Path | None:
     """HTML copy of an executed notebook (figures embedded), written atomically."""
     import nbformat
@@ -363,9 +378,7 @@ def export_html(notebook: Path, html: Path) -> Path | None:
 
     try:
         nb = nbformat.read(str(notebook), as_version=4)
-        exporter = HTMLExporter()
-        exporter.log.setLevel(logging.ERROR)  # not the accessibility notes about figures' alt text
-        body, _ = exporter.from_notebook_node(nb)
+        body, _ = _html_exporter(HTMLExporter).from_notebook_node(nb)
     except Exception as e:
         log.warning("no HTML for %s: %s", notebook, e)
         return None

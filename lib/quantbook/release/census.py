@@ -11,14 +11,24 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .format import component, expected_tensors, split_block
+from .format import component_of_rest, expected_tensors, split_block
 
 COLUMNS = ("part", "block", "kind", "dtype", "tensors", "expected", "bytes")
 
 
-def _key(name: str, kind: str, dtype: str) -> tuple:
-    block = split_block(name)[0] or "top"
-    return component(name), block, kind, dtype
+def _where(name: str) -> tuple[str, str]:
+    """(part, block) of a name: its component and `layers` / `mtp` / `top`, from one split."""
+    block, _, rest = split_block(name)
+    return component_of_rest(rest), block or "top"
+
+
+def _key(name: str, kind: str, dtype: str, seen: dict) -> tuple:
+    """The census row of a tensor; `seen` memoizes each name's (part, block), so a name both implied
+    by the config and found in a header (every name of a valid release) is parsed once."""
+    where = seen.get(name)
+    if where is None:
+        where = seen[name] = _where(name)
+    return (*where, kind, dtype)
 
 
 def census(config: dict, headers: dict | None = None) -> list[dict]:
@@ -27,15 +37,16 @@ def census(config: dict, headers: dict | None = None) -> list[dict]:
     (a release still to be built) the found counts are None."""
     expected = expected_tensors(config)
     want, have, nbytes = Counter(), Counter(), Counter()
+    seen: dict[str, tuple[str, str]] = {}
     for spec in expected.values():
-        k = _key(spec.name, spec.kind, spec.dtype)
+        k = _key(spec.name, spec.kind, spec.dtype, seen)
         want[k] += 1
         if headers is None:
             nbytes[k] += spec.nbytes
     for hd in (headers or {}).values():
         for name, e in hd.tensors.items():
             spec = expected.get(name)
-            k = _key(name, spec.kind if spec else "unknown", e.dtype)
+            k = _key(name, spec.kind if spec else "unknown", e.dtype, seen)
             have[k] += 1
             nbytes[k] += e.nbytes
     rows = []

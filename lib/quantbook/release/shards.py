@@ -116,7 +116,7 @@ def _read_header(path: Path) -> ShardHeader:
     spans = []
     for name, h in header.items():
         try:
-            dtype, shape, (b, e) = h["dtype"], tuple(int(x) for x in h["shape"]), h["data_offsets"]
+            dtype, shape, (b, e) = h["dtype"], tuple(map(int, h["shape"])), h["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise FormatError(f"shard {shard}: tensor {name}: corrupt header entry {h!r}") from None
         if dtype not in DTYPE_SIZE:
