@@ -12,6 +12,8 @@
 #   layout-pro, layout-flash  step 03's writer at Pro / Flash expert shapes: carrying (CPU) and
 #              re-quantizing (CUDA), against the disk's raw write rate in the same run (layout_bench.py)
 #   layout-ok  CPU and CUDA v4-serving exports byte-identical, the export's logits (gpu_export_check.py)
+#   verify     `quantbook verify`'s numeric check at Pro expert shapes against the disk's read rate, new and
+#              old side by side, 1 to 16 workers (verify_bench.py; CPU only)
 # Usage (from the repository root; carried wheels in .whl/):
 #   benchmarks/gpu_bench.sh LOG_DIR SCRATCH PART[:SECONDS]...     (default 300 s a part)
 set -u
@@ -49,6 +51,10 @@ for spec in "$@"; do
            --workers 2 8 --dir "$scratch/$p" --json "$log/$p.json"); json= ;;
     layout-ok)
       cmd=(benchmarks/gpu_export_check.py --out "$scratch/gx"); json= ;;
+    verify)
+      mkdir -p "$scratch/$p"
+      cmd=(benchmarks/verify_bench.py --like pro --layers 1 --experts 64 --workers 1 2 4 8 16 --old-sample 64
+           --dir "$scratch/$p" --json "$log/$p.json"); json= ;;
     *) echo "unknown part $p" >> "$log/progress.txt"; continue ;;
   esac
   echo "=== $(date +%T) $p (${secs} s at most): ${cmd[*]}" >> "$log/progress.txt"

@@ -25,6 +25,10 @@ a_b/(6 ws2) rounded to E4M3 (3 mantissa bits: at most 2^-4 relative, 2^-10 absol
 inflated to hide errors), and values above 6 units saturate by at most a_b/16. A lossless
 MXFP4 cast has zero error. A swapped nibble, row, projection or scale breaks it by far.
 
+The check's arithmetic lives in `export.numeric`: table lookups by row chunk in per-thread buffers,
+the same numbers as the straightforward whole-tensor computation bit for bit (issue 18; `--workers`
+threads, each ~230 MB of buffers at V4 Pro's expert shape).
+
 Check 9 reads config.json as vLLM 0.33 does (export.engines): the routed experts of every block
 must be built the form they are stored in; MXFP4 MTP experts under `moe_quant_algo: NVFP4` are
 a warning ("MTP drafts will be wrong on vLLM"): SGLang drafts correctly with them. Every expert
@@ -46,12 +50,14 @@ from pathlib import Path
 import torch
 
 from .. import atomic
-from ..errors import VerifyFailed
+from ..errors import FormatError, VerifyFailed
 from ..release.format import PROJS, expected_tensors, expert_name, expert_prefix, load_config
-from ..release.shards import INDEX_NAME, Checkpoint, read_range
+from ..release.shards import DTYPE_SIZE, INDEX_NAME, Checkpoint, read_into, read_range
 from .engine import decode_nvfp4 as dequant_nvfp4  # its old name here (tests and callers use it)
 from .engines import MTP_SERVING, vllm_expert_form
-from .layout import GROUP, HF_QUANT_CONFIG, LAYOUT, MANIFEST, mtp_layers, quantized_layers, release_expert_bf16
+from ..release.dequant import dequant_fp4
+from . import numeric
+from .layout import GROUP, HF_QUANT_CONFIG, LAYOUT, MANIFEST, mtp_layers, quantized_layers
 
 PASS, FAIL, SKIP, WARN = "pass", "fail", "skip", "warn"
 RESEARCH_ONLY = "research-only"
@@ -101,24 +107,42 @@ class Check:
 def nvfp4_error(codes, scale, ws2, ref: torch.Tensor) -> dict:
     """Error of one NVFP4 tensor against its reference, and how it compares with the bound above.
 
-    `blocks_exact`: 16-blocks equal to the reference value for value (carried from the release)."""
-    q = dequant_nvfp4(codes, scale, ws2)
-    x = ref.to(torch.float32)
-    out, inp = x.shape
-    ws2 = float(ws2)
-    unit = scale.view(torch.float8_e4m3fn).to(torch.float32) * ws2
-    a = x.abs().reshape(out, inp // GROUP, GROUP).amax(dim=2)
-    err = (q - x).abs().reshape(out, inp // GROUP, GROUP).amax(dim=2)
-    step = torch.minimum(unit, a / 6 * (1 + 2**-4) + 2**-10 * ws2)
-    bound = torch.maximum(torch.maximum(step, torch.full_like(step, 2**-9 * ws2)), a / 16 + 6 * 2**-10 * ws2)
-    bound = bound * (1 + 1e-6)
-    ratio = torch.where(bound > 0, err / bound, torch.where(err > 0, torch.inf, 0.0))
-    norm = float(x.norm())
-    bad_scale = int((~torch.isfinite(unit) | (unit <= 0)).sum())
-    return {"max_ratio": float(ratio.max()), "blocks_over": int((ratio > 1).sum()), "blocks": ratio.numel(),
-            "blocks_exact": int((err == 0).sum()),
-            "rel_rmse": float((q - x).norm()) / norm if norm else float((q - x).norm()),
-            "max_abs_err": float(err.max()), "bad_block_scales": bad_scale}
+    `blocks_exact`: 16-blocks equal to the reference value for value (carried from the release).
+    The numbers of `numeric.nvfp4_error_reference` (whole-tensor torch ops), bit for bit, computed by
+    `numeric.nvfp4_error_fast` whenever the inputs are the expected ones."""
+    if numeric.fast_ok(codes, scale, ws2, getattr(ref, "shape", None)) and numeric.ref_ok(ref):
+        try:
+            return numeric.nvfp4_error_fast(codes, scale, ws2, ref=ref)
+        finally:
+            numeric.release_scratch()  # a one-off call keeps no whole-tensor buffers
+    return numeric.nvfp4_error_reference(codes, scale, ws2, ref)
+
+
+def release_error(ck: Checkpoint, src: Checkpoint, name: str, native: str) -> dict:
+    """`nvfp4_error` of export projection `name` against the release's `native` (its MXFP4 decoded
+    exactly, `release_expert_bf16`), failing the same way. The expected tensors (1-byte codes and
+    scales of matching shapes, one weight_scale_2) are read straight into this thread's buffers and
+    checked there (`numeric.compute`); anything else takes the straightforward route."""
+    try:
+        rw, rs = src.entry(f"{native}.weight"), src.entry(f"{native}.scale")
+        cw, cs, c2 = (ck.entry(f"{name}.{k}") for k in ("weight", "weight_scale", "weight_scale_2"))
+    except FormatError:  # the straightforward route raises it, in its order
+        rw = None
+    if rw is not None and all(DTYPE_SIZE[e.dtype] == 1 for e in (rw, rs, cw, cs)) and cw.shape == rw.shape \
+            and numeric.shape_ok(cw.shape, cs.shape) and numeric.release_shape_ok(rw.shape, rs.shape):
+        try:
+            ws2 = ck.tensor(c2.name)
+            if numeric.scalar_ok(ws2):
+                w = numeric.work(*cw.shape)
+                for ckpt, e, buf in ((src, rw, w.rcodes), (src, rs, w.rscale), (ck, cw, w.codes), (ck, cs, w.scale)):
+                    read_into(ckpt.path(e.name), e.start, buf)
+                return numeric.compute(w, ws2, release=True)
+        except (OSError, FormatError):  # unreadable: the straightforward route says how, in its order
+            pass
+    r = src.tensor(f"{native}.weight"), src.tensor(f"{native}.scale")
+    plain = dequant_fp4(r[0].view(torch.uint8), r[1].view(torch.uint8))  # release_expert_bf16
+    return nvfp4_error(ck.tensor(f"{name}.weight"), ck.tensor(f"{name}.weight_scale"),
+                       ck.tensor(f"{name}.weight_scale_2"), plain)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -467,19 +491,20 @@ def check_numbers(ck: Checkpoint, cfg: dict, ref: Checkpoint | None, src: Checkp
         names = [names[int(k * step)] for k in range(sample)]
     against = "release" if src is not None else "BF16 reference"
 
-    def reference(native: str) -> torch.Tensor | None:
-        if src is not None:
-            return release_expert_bf16(src, native) if f"{native}.scale" in src else None
-        return ref.tensor(f"{native}.weight") if f"{native}.weight" in ref else None
-
     def one(name: str):
         native = name[len("model."):] if name.startswith("model.") else name
         try:
-            r = reference(native)
-            if r is None:
+            if src is not None:
+                if f"{native}.scale" not in src:
+                    return name, {"error": f"no {against} tensor for {native}"}
+                return name, release_error(ck, src, name, native)
+            if f"{native}.weight" not in ref:
                 return name, {"error": f"no {against} tensor for {native}"}
-            return name, nvfp4_error(ck.tensor(f"{name}.weight"), ck.tensor(f"{name}.weight_scale"),
-                                     ck.tensor(f"{name}.weight_scale_2"), r)
+            r = ref.tensor(f"{native}.weight")
+            codes, scale, ws2 = (ck.tensor(f"{name}.{k}") for k in ("weight", "weight_scale", "weight_scale_2"))
+            if numeric.fast_ok(codes, scale, ws2, r.shape) and numeric.ref_ok(r):
+                return name, numeric.nvfp4_error_fast(codes, scale, ws2, ref=r)
+            return name, numeric.nvfp4_error_reference(codes, scale, ws2, r)
         except Exception as e:  # noqa: BLE001 (an unreadable tensor is a finding of this check)
             return name, {"error": f"{type(e).__name__}: {e}"}
 

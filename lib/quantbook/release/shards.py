@@ -160,6 +160,19 @@ def read_range(path: Path, start: int, nbytes: int) -> bytearray:
     return buf
 
 
+def read_into(path: Path, start: int, buf) -> None:
+    """Fill `buf` (any writable buffer, e.g. a numpy array) with the file's bytes from `start`."""
+    view = memoryview(buf).cast("B")
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        got = 0
+        while got < view.nbytes:
+            n = f.readinto(view[got:])
+            if not n:
+                raise FormatError(f"shard {Path(path).name}: short read at offset {start}")
+            got += n
+
+
 def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None) -> bytes:
     """safetensors header bytes for tensors stored back to back in the given order."""
     header: dict = {}
