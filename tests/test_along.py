@@ -155,7 +155,7 @@ def test_refusals(tiny_chain, tmp_path):
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "quantbook-layout.json").write_text(json.dumps(
         {"kind": "quantbook.layout", "source_id": "x", "identity": "y", "shards": {}}))
-    with pytest.raises(QuantbookError, match="not this pass's"):
+    with pytest.raises(QuantbookError, match="a finished export"):
         calibrate.quantize(streaming_q(tiny_chain), tmp_path / "run", progress=False,
                            export=export_section(tiny_chain, tmp_path / "export"))
     with pytest.raises(QuantbookError, match="quantize.export_along"):

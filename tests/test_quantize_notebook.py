@@ -15,13 +15,14 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "02_quantize.ipyn
 
 
 def test_parameters_cell_matches_the_params_section():
-    """The chain runner injects the `quantize:` keys and run_dir as notebook parameters."""
+    """The chain runner injects the `quantize:` keys, run_dir and the `export:` section (which the
+    streaming driver writes along its pass) as notebook parameters."""
     import papermill as pm
 
     from quantbook.calibrate.settings import QUANTIZE_DEFAULTS
 
     declared = set(pm.inspect_notebook(str(NOTEBOOK)))
-    assert declared == set(QUANTIZE_DEFAULTS) | {"run_dir"}
+    assert declared == set(QUANTIZE_DEFAULTS) | {"run_dir", "export"}
 
 
 def test_notebook_02_in_the_chain(tiny_chain):

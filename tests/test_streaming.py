@@ -276,12 +276,18 @@ def test_finished_checkpoint_reassembles_without_calibrating(streamed, tiny_chai
 
 def test_two_processes_over_gloo_equal_one(streamed, tiny_chain, tmp_path):
     """gpus: 2 on CPU: two processes over gloo, batches split as one process runs them, amax MAX and
-    token counts SUM: the one-process result bit for bit, saved every two blocks."""
+    token counts SUM: the one-process result bit for bit, saved every two blocks; process 0 writes the
+    export along with the reduced amax: step 03's bytes."""
     from quantbook.calibrate import quantize
+    from quantbook.export.layout import MANIFEST
 
-    rec = quantize(streaming_q(tiny_chain, gpus=2, save_every=2), tmp_path / "run", progress=False)
+    export = {**yaml.safe_load(tiny_chain["params"].read_text())["export"], "dir": str(tmp_path / "export")}
+    rec = quantize(streaming_q(tiny_chain, gpus=2, save_every=2), tmp_path / "run", progress=False, export=export)
     assert rec["streaming"]["world"] == 2 and rec["streaming"]["devices"] == ["cpu", "cpu"]
     assert_same_calibration(streamed["dir"], tmp_path / "run")
+    assert rec["export"]["shards_written_along"] == 7 and rec["export"]["shards_written_at_end"] == 0
+    assert files(tmp_path / "export", exclude=(MANIFEST, "README.md")) == \
+        files(tiny_chain["export"], exclude=(MANIFEST, "README.md"))
     timeline = {t["block"]: t for t in rec["timeline"]}
     assert [b for b, t in timeline.items() if "write_s" in t] == ["layers.1", "layers.3", "mtp.0"]
 

@@ -61,7 +61,8 @@ class Along:
         Anything else in the directory is refused, with step 03's reasons."""
         def foreign(m):
             if not m.get("along"):
-                return "an export that is not this pass's (step 03 wrote it: remove it or export elsewhere)"
+                return ("a finished export (step 03's, or an earlier run's pass): this pass calibrates anew, so its "
+                        "amax may differ; remove it or set export.dir elsewhere")
             if m.get("source_id") != self.fresh["source_id"] or m.get("options") != self.options:
                 return "another release's or other options' partial export"
 
