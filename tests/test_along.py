@@ -59,6 +59,11 @@ def test_the_export_written_along_is_step03s_byte_for_byte(along):
         files(base / "alone", exclude=("quantbook-layout.json",))
     assert manifest(base / "export") == manifest(base / "alone")
     assert "along" not in json.loads((base / "export" / "quantbook-layout.json").read_text())
+    from quantbook.calibrate import report
+
+    t = report.along_table(rec)  # notebook 02's table of the pass's shards
+    assert len(t) == 8 and t["GiB"].iloc[:7].notna().all() and "0 shard(s) written" in t["layers"].iloc[7]
+    assert (t["layers"] == "layers.2").sum() == 1 and report.along_table({"export": {}}) is None
 
 
 def test_step03_after_the_pass_writes_nothing_and_verifies(along, tiny_chain):

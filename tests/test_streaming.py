@@ -481,7 +481,7 @@ def test_chain_with_the_streaming_driver_passes_verify(tiny_chain, tmp_path):
     out02, images02 = text("02_quantize.ipynb")
     assert "calibrated from the first block: 5 blocks in this run" in out02
     assert "nothing to verify: driver streaming wrote step 03's v4-serving export along the pass" in out02
-    assert "dequant + build" in out02
+    assert "dequant + build" in out02 and "v4-serving export written along the pass" in out02
     assert json.loads((run_dir / "export.json").read_text())["layout_report"]["shards_written"] == 0
     assert images02 >= 3  # the per-block timeline, the token-count heat map, the memory timeline
     out03, _ = text("03_recover_export.ipynb")

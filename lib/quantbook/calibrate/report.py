@@ -225,6 +225,21 @@ def timeline_table(rec: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("block")
 
 
+def along_table(rec: dict) -> pd.DataFrame | None:
+    """The export written along the pass (driver streaming, `export_along`): per shard the layers whose
+    amax it waited for, its size and its write seconds (in the background, beside calibration), then
+    what was left for the end; None when the run wrote none."""
+    e = rec.get("export") or {}
+    if not e.get("along"):
+        return None
+    rows = [{"shard": s["shard"], "layers": ", ".join(s["layers"]) or "(no routed experts: at the start)",
+             "GiB": round(s["bytes"] / 2**30, 3), "write s": s["write_s"]} for s in e["along_shards"]]
+    rows.append({"shard": f"at the end ({e['along_wait_s']:.2f} s waited for the pass's last shards)",
+                 "layers": f"{e['shards_written_at_end']} shard(s) written, index and configs", "GiB": None,
+                 "write s": None})
+    return pd.DataFrame(rows).set_index("shard")
+
+
 def plot_timeline(rec: dict):
     """Seconds per block stacked by phase (read waited, dequant, calibrate, record, reduce, write waited) and
     peak memory per block (GPU where recorded, else host); blocks from an earlier run hatched."""
