@@ -47,9 +47,9 @@ class Along:
         self.fresh = {"kind": "quantbook.layout", "layout": layout.LAYOUT, "source": str(self.src),
                       "source_id": rp.source_id, "options": self.options, "along": True, "complete": False}
         self.manifest = self._open()
-        self.amax: dict = {}
+        self.ea = layout.ExpertAmax()  # the final layers' expert amax, parsed once each
         self.final: set[tuple[str, int]] = set()
-        self.pending = [j for j in self.jobs]
+        self.pending = list(self.jobs)
         self.timeline: list[dict] = []
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max(1, e["workers"]), thread_name_prefix="quantbook-along")
@@ -81,7 +81,9 @@ class Along:
         for f in self._futures:  # a shard that failed stops the pass at the next block, not at the end
             if f.done() and f.exception() is not None:
                 raise f.exception()
-        self.amax.update(amax)
+        new = layout.expert_amax(amax, self.config, self.e["mtp_experts"])
+        self.ea.weight.update(new.weight)
+        self.ea.input.update(new.input)
         self.final.update(layers)
         self._submit_ready()
 
@@ -89,9 +91,8 @@ class Along:
         ready = [j for j in self.pending if set(self.layers[j.name]) <= self.final]
         if not ready:
             return
-        ea = layout.expert_amax(self.amax, self.config, self.e["mtp_experts"])
         for job in ready:
-            table = self._rows(ea, job)
+            table = self._rows(self.ea, job)
             self.pending.remove(job)
             if table is not None:
                 self._futures.append(self._pool.submit(self._write, job, table))
