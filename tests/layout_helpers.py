@@ -89,3 +89,13 @@ def files(d: Path, exclude: tuple = ()) -> dict[str, bytes]:
     """Every file under `d` (relative path -> bytes), minus `exclude` names."""
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(Path(d).rglob("*"))
             if p.is_file() and p.name not in exclude}
+
+
+def gate_numbers(path: Path) -> dict:
+    """A fidelity gate record's measurements (`eval.json`, `eval-02.json`): the numbers and every
+    block's row without its timing: what must be equal between two routes to the same gate."""
+    import json
+
+    r = json.loads(Path(path).read_text())
+    return {"numbers": r["numbers"], "mtp_form": r["mtp_form"], "tokens": r["tokens"],
+            "blocks": [{k: v for k, v in row.items() if k != "timing"} for row in r["blocks"]]}

@@ -12,10 +12,10 @@ def calibrate_blocks_rank0_fails(job: dict, rank: int, world: int) -> dict:
     if rank == 0:
         write = block_checkpoint.Saver._write
 
-        def failing(self, finished, acts, ready):
+        def failing(self, finished, acts, ready, gate=None):
             if finished[-1]["block"] == "layers.1":
                 raise OSError("injected: rank 0 cannot save layers.1")
-            return write(self, finished, acts, ready)
+            return write(self, finished, acts, ready, gate)
 
         block_checkpoint.Saver._write = failing
     return streaming_driver.calibrate_blocks(job, rank, world)

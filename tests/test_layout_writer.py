@@ -236,3 +236,36 @@ def test_e8m0_nan_is_refused_and_leaves_no_shard(tiny_src, tmp_path):
         write_serving_layout(bad, native_snapshot(tiny_src), out, workers=1, progress=False)
     shard = Checkpoint(bad).weight_map["layers.2.ffn.experts.4.w3.weight"]
     assert not (out / shard).exists() and not list(out.glob("*.partial"))
+
+
+@pytest.mark.parametrize("cast", [True, False], ids=["carry", "requant"])
+def test_block_in_memory_gives_the_files_bytes(cast, wide, wide_carried, tmp_path):
+    """The streaming pass's route: a shard written from the block already in memory (`BlockSource`)
+    is the shard written from the files, byte for byte, lossy blocks included; `shard_tensors` (the
+    gate's candidate) are the written tensors; the block's buffer is left as read."""
+    from quantbook.export import layout, writer
+
+    snap = native_snapshot(wide)
+    out = tmp_path / "files"
+    if cast:
+        out = wide_carried[0]
+    else:
+        write_serving_layout(wide, snap, out, cast_mxfp4_to_nvfp4=False, method="table", progress=False)
+    p = layout.plan(wide, tmp_path / "unused", snap, cast_mxfp4_to_nvfp4=cast)
+    rel = Checkpoint(wide)
+    s = writer.Settings(p.carried, p.resolved.amax, "cpu", "table")
+    checked = 0
+    for job in p.jobs:
+        raw, _ = rel.read_block([n for n in rel.header(job.name).tensors])
+        before = {n: bytes(t.reshape(-1).view(torch.uint8).numpy()) for n, t in raw.items()}
+        source = writer.BlockSource(rel, raw)
+        writer.write_shard(tmp_path / job.name, job.entries, job.ops, source, s)
+        assert (tmp_path / job.name).read_bytes() == (out / job.name).read_bytes(), job.name
+        got, written = writer.shard_tensors(job.entries, job.ops, source, s), Checkpoint(out)
+        assert list(got) == [n for n, _, _ in job.entries]
+        for name, t in got.items():
+            assert bytes(t.reshape(-1).view(torch.uint8).numpy()) == bytes(written.raw(name)), name
+            assert t.dtype == written.tensor(name).dtype and tuple(t.shape) == tuple(written.entry(name).shape)
+        assert {n: bytes(t.reshape(-1).view(torch.uint8).numpy()) for n, t in raw.items()} == before
+        checked += any(kind == "expert" for kind, _ in job.ops)
+    assert checked == 4

@@ -355,8 +355,12 @@ def test_streaming_plan_counts_the_mtp_block(tiny_src, tmp_path):
     p = pro_params(tmp_path, tiny_src, calib_file(tmp_path / "calib.jsonl"), driver="streaming")
     v = preflight(p, machine=b200())
     (row,) = [r for r in v.plan if r["step"] == "02"]
-    assert row["what"] == "calibrate (streaming, 4 layers + 1 MTP block = 5 blocks) + the v4-serving export written along"
-    assert row["seconds"] == pytest.approx(5 * 3.7) and "the mtp.0 block's compute" in row["rate"]
-    p["quantize"]["mtp"] = "skip"
-    (row,) = [r for r in preflight(p, machine=b200()).plan if r["step"] == "02"]
+    assert row["what"] == "calibrate (streaming, 4 layers + 1 MTP block = 5 blocks) + the v4-serving export written " \
+                          "along + the fidelity gate"
+    # the gate runs on each block after its calibration, on the same GPU: their seconds add up
+    assert row["seconds"] == pytest.approx(5 * 3.7 + 5 * 3.2) and "the mtp.0 block's compute" in row["rate"]
+    p["quantize"]["mtp"] = "skip"  # the pass never holds mtp.0, which the gate needs: step 03 runs it
+    v = preflight(p, machine=b200())
+    (row,) = [r for r in v.plan if r["step"] == "02"]
     assert row["what"].startswith("calibrate (streaming, 4 layers) +") and row["seconds"] == pytest.approx(4 * 3.7)
+    assert next(r for r in v.plan if r["what"].startswith("fidelity gate"))["runs"] == "yes"

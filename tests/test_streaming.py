@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 import requires
-from layout_helpers import files
+from layout_helpers import files, gate_numbers
 
 requires.importorskip("modelopt")  # a failure, not a skip, under QUANTBOOK_REQUIRE_MODELOPT=1 (CI)
 
@@ -230,6 +230,8 @@ def test_sigkill_inside_and_between_blocks_then_resume_identically(streamed, tin
     assert rec["status"] == "done" and rec["streaming"]["resumed_from"] == blocks[len(done2)]
     assert files(tmp_path / "export", exclude=(MANIFEST, "README.md")) == \
         files(tiny_chain["export"], exclude=(MANIFEST, "README.md"))
+    assert rec["export"]["gate"]["in_pass"]  # the gate's streams resumed twice: the chain's separate gate exactly
+    assert gate_numbers(run_dir / "eval-02.json") == gate_numbers(tiny_chain["run_dir"] / "eval.json")
     assert [t["block"] for t in rec["timeline"] if not t["this_run"]] == done2
     assert_same_calibration(streamed["dir"], run_dir)
     leftovers = sorted(p.name for p in block_checkpoint.checkpoint_dir(run_dir).iterdir())
@@ -288,6 +290,7 @@ def test_two_processes_over_gloo_equal_one(streamed, tiny_chain, tmp_path):
     assert rec["export"]["shards_written_along"] == 7 and rec["export"]["shards_written_at_end"] == 0
     assert files(tmp_path / "export", exclude=(MANIFEST, "README.md")) == \
         files(tiny_chain["export"], exclude=(MANIFEST, "README.md"))
+    assert gate_numbers(tmp_path / "run" / "eval-02.json") == gate_numbers(tiny_chain["run_dir"] / "eval.json")
     timeline = {t["block"]: t for t in rec["timeline"]}
     assert [b for b, t in timeline.items() if "write_s" in t] == ["layers.1", "layers.3", "mtp.0"]
 
@@ -443,9 +446,10 @@ def test_chain_with_the_streaming_driver_passes_verify(tiny_chain, tmp_path):
     """`quantbook run` with `driver: streaming` on the tiny release, as the production params have it
     (no `export.reference`): step 01's BF16 copy is left out, saying why; notebooks 02-04 complete,
     step 02 shows its per-block timeline and writes the v4-serving layout along the pass from the
-    streaming amax (byte-identical to the modelopt chain's step 03 export), step 03 finds every shard
-    written and verified (writes none) and the export passes the verifier, which compares with the
-    release."""
+    streaming amax (byte-identical to the modelopt chain's step 03 export) and runs the fidelity gate on
+    each block (the chain's separate gate's numbers), step 03 finds every shard written and verified
+    (writes none), the export passes the verifier, which compares with the release, and the gate's
+    numbers are the pass's."""
     import nbformat
 
     from quantbook.export.layout import MANIFEST
@@ -482,8 +486,13 @@ def test_chain_with_the_streaming_driver_passes_verify(tiny_chain, tmp_path):
     assert "calibrated from the first block: 5 blocks in this run" in out02
     assert "nothing to verify: driver streaming wrote step 03's v4-serving export along the pass" in out02
     assert "dequant + build" in out02 and "v4-serving export written along the pass" in out02
-    assert json.loads((run_dir / "export.json").read_text())["layout_report"]["shards_written"] == 0
-    assert images02 >= 3  # the per-block timeline, the token-count heat map, the memory timeline
+    exported = json.loads((run_dir / "export.json").read_text())
+    assert exported["layout_report"]["shards_written"] == 0
+    # the gate ran in the pass; step 03 judged its numbers (the chain's separate gate's, number for number)
+    assert exported["fidelity"]["ran"].startswith("in step 02") and exported["fidelity"]["verdict"] == "measured"
+    assert gate_numbers(run_dir / "eval.json") == gate_numbers(tiny_chain["run_dir"] / "eval.json")
+    assert "gate (both models)" in out02 and "export shard write (background)" in out02
+    assert images02 >= 4  # the per-block timeline, the gate's per-block errors, the token-count heat map, memory
     out03, _ = text("03_recover_export.ipynb")
     assert "no calibrated state by design" in out03 and "verdict: pass" in out03
     text("04_inspect_amax.ipynb")
@@ -581,11 +590,14 @@ def test_preflight_of_the_production_params_on_the_node(pro_release, tmp_path):
     assert {d["output"] for d in v.disk} == {"amax + block checkpoint (resume)", "v4-serving export"}
     assert next(r for r in v.plan if r["step"] == "01")["runs"] == "no"
     calibrate = next(r for r in v.plan if r["step"] == "02")
-    # mtp.0 too; the export written along: step 02 takes the longer of calibration and writer
+    # mtp.0 too; the export and the gate along: step 02 takes the longer of the GPU's work (calibration, then
+    # the gate on each block) and the writer
     assert calibrate["what"] == "calibrate (streaming, 61 layers + 1 MTP block = 62 blocks) + the v4-serving " \
-                                "export written along"
-    along = next(r for r in v.plan if r["step"] == "03" and r["runs"] == "in 02")
-    assert calibrate["seconds"] == pytest.approx(max(62 * 3.7, along["seconds"]))
+                                "export written along + the fidelity gate"
+    along = next(r for r in v.plan if r["step"] == "03" and r["runs"] == "in 02" and r["what"].startswith("write"))
+    gate = next(r for r in v.plan if r["step"] == "03" and r["what"].startswith("fidelity gate"))
+    assert gate["runs"] == "in 02" and gate["seconds"] == pytest.approx(62 * 3.2)
+    assert calibrate["seconds"] == pytest.approx(max(62 * 3.7 + 62 * 3.2, along["seconds"])) == along["seconds"]
     assert "benchmarks/streaming_bench.py" in calibrate["rate"]
     text = format_verdict(v)
-    assert "projected total: 14 min 38 s" in text and "+ 1 step(s) not measured" in text, text  # the gate planned too
+    assert "projected total: 11 min 20 s" in text and "+ 1 step(s) not measured" in text, text  # verify

@@ -67,6 +67,28 @@ def acts_file(d: Path, block: str, rank: int) -> Path:
     return d / f"acts.{block}.rank{rank}.safetensors"
 
 
+def gate_file(d: Path, block: str, side: str) -> Path:
+    """The fidelity gate's streams after `block` (`export.fidelity_along`), `side` ref or cand."""
+    return d / f"gate-{side}.{block}.safetensors"
+
+
+def load_gate(run_dir: str | Path) -> dict | None:
+    """The gate state the manifest names ({signature, rows, numbers, streams: (ref, cand) on the CPU,
+    None after the last block} or {dropped}), or None when none was kept."""
+    from safetensors.torch import load_file
+
+    m = read_manifest(run_dir) or {}
+    g = m.get("gate")
+    if not g or g.get("dropped") or not m.get("acts_after"):  # after the last block: no streams needed
+        return g and {**g, "streams": None}
+    d = checkpoint_dir(run_dir)
+    streams = []
+    for side in ("ref", "cand"):
+        got = load_file(str(gate_file(d, m["acts_after"], side)))
+        streams.append([got[f"b{j}"] for j in range(len(got))])
+    return {**g, "streams": tuple(streams)}
+
+
 def read_manifest(run_dir: str | Path) -> dict | None:
     return atomic.read_json(checkpoint_dir(run_dir) / MANIFEST)
 
@@ -99,6 +121,8 @@ def check_dir(run_dir: str | Path, sig: dict, blocks: list[str]) -> dict:
     keep = {MANIFEST} | {amax_file(d, b).name for b in done}
     if m.get("acts_after"):
         keep |= {acts_file(d, m["acts_after"], r).name for r in range(sig["world"])}
+        if (m.get("gate") or {}).get("rows"):
+            keep |= {gate_file(d, m["acts_after"], side).name for side in ("ref", "cand")}
     for f in d.iterdir():
         if f.name not in keep:
             f.unlink()
@@ -179,12 +203,13 @@ class Saver:
             pending.result()
         return time.perf_counter() - t0
 
-    def save(self, finished: list[dict], acts: list | None) -> float:
+    def save(self, finished: list[dict], acts: list | None, gate: dict | None = None) -> float:
         """Queue the save of `finished` blocks ({"block", "amax", "meta"}) and, unless None, this
-        process's outputs of the last of them. Returns the seconds spent waiting for the previous save
-        (none when the caller waited already)."""
+        process's outputs of the last of them; `gate` (rank 0): the fidelity gate's state
+        (`GateAlong.state`). Returns the seconds spent waiting for the previous save (none when the
+        caller waited already)."""
         waited = self.wait()
-        self.pending = self.pool.submit(self._write, list(finished), acts, _ready_event(acts))
+        self.pending = self.pool.submit(self._write, list(finished), acts, _ready_event(acts), gate)
         return waited
 
     def close(self, raise_errors: bool = True) -> None:
@@ -197,12 +222,15 @@ class Saver:
         finally:
             self.pool.shutdown(wait=True)
 
-    def _write(self, finished: list[dict], acts: list | None, ready) -> None:
+    def _write(self, finished: list[dict], acts: list | None, ready, gate: dict | None = None) -> None:
         t0 = time.perf_counter()
         last = finished[-1]["block"]
         acts_bytes = write_acts(acts_file(self.dir, last, self.rank), acts, ready) if acts is not None else 0
         if self.rank != 0:
             return
+        if gate is not None and gate["streams"] is not None and acts is not None:
+            for side, streams in zip(("ref", "cand"), gate["streams"]):
+                write_acts(gate_file(self.dir, last, side), streams)
         for f in finished:
             save_snapshot(amax_file(self.dir, f["block"]), f["amax"], metadata=f["meta"])
         if acts is not None:
@@ -213,10 +241,12 @@ class Saver:
         self.timeline[last].update(write_s=round(time.perf_counter() - t0, 4), state_bytes=acts_bytes * self.world)
         earlier = self.blocks[: self.blocks.index(last)]
         previous = {acts_file(self.dir, b, r) for b in earlier for r in range(self.world)}
+        previous |= {gate_file(self.dir, b, side) for b in earlier for side in ("ref", "cand")}
         atomic.write_json(self.dir / MANIFEST, {
             "kind": KIND, "format": 1, "signature": self.sig, "blocks": self.blocks, "done": self.done,
             "acts_after": last if acts is not None else None, "timeline": self.timeline,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **({"gate": gate["json"]} if gate is not None else {}),
         })
         for f in previous:  # older activations are no longer named by the manifest
             f.unlink(missing_ok=True)

@@ -240,8 +240,12 @@ def release_layer(module) -> None:
     reference cycles that only a full garbage collection, ~0.5 s, would break)."""
     import torch
 
-    for t in [*module.parameters(), *module.buffers()]:
+    for t in module.parameters():
         t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    for m in module.modules():  # a buffer may be the caller's own tensor (a view of the read buffer on CPU):
+        for name, b in m._buffers.items():  # replaced, never emptied in place
+            if b is not None:
+                m._buffers[name] = torch.empty(0, dtype=b.dtype, device=b.device)
 
 
 class ReadAhead:

@@ -206,17 +206,20 @@ def has_timeline(rec: dict) -> bool:
 
 TIMELINE_COLUMNS = {"read_s": "read", "read_wait_s": "read (waited)", "dequant_s": "dequant + build",
                     "calibrate_s": "calibrate", "forward_s": "(forward)", "record_s": "record", "reduce_s": "reduce",
-                    "write_s": "write (background)", "write_wait_s": "write (waited)", "total_s": "total"}
+                    "eval_s": "gate (both models)", "write_s": "checkpoint (background)",
+                    "write_wait_s": "checkpoint (waited)", "total_s": "total"}
 
 
 def timeline_table(rec: dict) -> pd.DataFrame:
     """Per block: seconds per phase, bytes read and the read rate, peak GPU and host memory, and
     whether this run computed it (False: saved by an earlier, interrupted run)."""
     rows = []
+    shards = {layer: s for s in (rec.get("export") or {}).get("along_shards") or [] for layer in s["layers"]}
     for t in rec["timeline"]:
         row = {"block": t["block"], "this run": t.get("this_run", True)}
         for k, label in TIMELINE_COLUMNS.items():
             row[label] = round(t[k], 2) if k in t else None
+        row["export shard write (background)"] = shards[t["block"]]["write_s"] if t["block"] in shards else None
         row["read GiB"] = round(t["read_bytes"] / 2**30, 3) if "read_bytes" in t else None
         row["read GiB/s"] = round(t["read_bytes"] / 2**30 / t["read_s"], 2) if t.get("read_s") else None
         row["GPU peak GiB"] = round(t["gpu_peak_bytes"] / 2**30, 2) if "gpu_peak_bytes" in t else None
@@ -241,12 +244,14 @@ def along_table(rec: dict) -> pd.DataFrame | None:
 
 
 def plot_timeline(rec: dict):
-    """Seconds per block stacked by phase (read waited, dequant, calibrate, record, reduce, write waited) and
-    peak memory per block (GPU where recorded, else host); blocks from an earlier run hatched."""
+    """Seconds per block stacked by phase (read waited, dequant, calibrate, record, reduce, the gate, checkpoint
+    waited), the background read and export write of each block as marks, and peak memory per block (GPU where
+    recorded, else host); blocks from an earlier run hatched."""
     import matplotlib.pyplot as plt
 
     t = timeline_table(rec)
-    phases = ["read (waited)", "dequant + build", "calibrate", "record", "reduce", "write (waited)"]
+    phases = ["read (waited)", "dequant + build", "calibrate", "record", "reduce", "gate (both models)",
+              "checkpoint (waited)"]
     fig, (ax, mem) = plt.subplots(2, 1, figsize=(max(6, 0.5 * len(t) + 3), 5.5), sharex=True)
     x = range(len(t))
     bottom = [0.0] * len(t)
@@ -258,6 +263,8 @@ def plot_timeline(rec: dict):
         if not this_run:
             ax.bar([i], [bottom[i]], fill=False, hatch="//", edgecolor="gray", lw=0)
     ax.plot(list(x), [v or 0 for v in t["read"].tolist()], "k.", label="read (background)")
+    if t["export shard write (background)"].notna().any():
+        ax.plot(list(x), t["export shard write (background)"].tolist(), "rx", label="export shard write (background)")
     ax.set_ylabel("seconds")
     ax.set_title("per block: where the time went (hatched: saved by an earlier run)", fontsize=9, loc="left")
     ax.legend(fontsize=7, ncol=3)
@@ -267,6 +274,18 @@ def plot_timeline(rec: dict):
     mem.set_xticks(list(x), t.index.tolist(), rotation=90, fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def gate_in_pass(rec: dict, run_dir: str | Path) -> dict | None:
+    """The fidelity gate the pass ran (`eval-02.json`, as `quantbook eval` records it), {"why"} when the pass
+    left it to step 03, or None when the run had no gate along."""
+    from .. import atomic
+    from ..export.fidelity_along import RECORD
+
+    g = (rec.get("export") or {}).get("gate")
+    if not g:
+        return None
+    return atomic.read_json(Path(run_dir) / f"{RECORD}.json") if g["in_pass"] else {"why": g["why"]}
 
 
 def resume_summary(rec: dict) -> str:

@@ -119,6 +119,7 @@ class StreamingDriver(Driver):
             with run.phase("prepare"):
                 job = prepare(q, s, df, run.run_dir)
                 job["along"] = export
+                job["gate"] = gate_along(export, s)
             resume = job["plan"]
             run.update(calibration=job["calib"], batch_size=s["batch_size"],
                        resume={k: resume[k] for k in ("resume", "done", "start_block")})
@@ -142,11 +143,26 @@ class StreamingDriver(Driver):
             if export is not None:
                 with run.phase("export"):
                     out["export"] = finish_along(export, run.run_dir, per_rank[0], progress)
+                if job["gate"]:
+                    from ..export.fidelity_along import record
+
+                    out["export"]["gate"] = record(per_rank[0]["gate"], run.run_dir)
             if progress:
                 post = out["post_calibration"]
                 print(f"[quantbook] amax snapshot: {post['snapshot']['tensors']} tensors of {post['quantizers']} "
                       f"quantizers -> {post['snapshot']['path']}", flush=True)
             return run.done(**out)
+
+
+def gate_along(export: dict | None, s: dict) -> dict | None:
+    """The fidelity gate's part of the job when it runs in the pass (`export.fidelity.along`, with the
+    export written along): the calibration file whose held-out text it reads; else None."""
+    from ..export.recover import local_calibration
+
+    f = (export or {}).get("fidelity") or {}
+    if not (f.get("enabled") and f.get("along")):
+        return None
+    return {"calibration": local_calibration(s["dataset"])}
 
 
 PROCESS_TARGET = f"{__name__}:calibrate_blocks"  # what each process of `gpus: N` runs (`distributed.main`)
@@ -339,14 +355,19 @@ class _Process:
                                        job["plan"]["done"], job["timeline"])
         reader = blocks.ReadAhead(self.release, self.table, self.device.type == "cuda", self.todo)
         along = self._along(progress)
+        gate = self._gate(along)
         timeline, finished = {}, []
         try:
             for k, block in enumerate(self.todo):
                 nxt = self.todo[k + 1] if k + 1 < len(self.todo) else None
                 with memory.phase(block) if memory is not None else nullcontext():
-                    timing, entry = self._block(block, nxt, reader)
+                    timing, entry, raw = self._block(block, nxt, reader)
                     if along is not None:
                         along.block_done(entry["amax"], block_layers(block))
+                    if gate is not None:  # both models through the block while its bytes are in memory
+                        timing.update(gate.block(block, raw, along))
+                    del raw
+                    reader.release(block)
                     finished.append(entry)
                     done_after = len(job["blocks"]) - len(self.todo) + k + 1
                     save = nxt is None or done_after % job["save_every"] == 0
@@ -355,7 +376,8 @@ class _Process:
                     self._finish_timing(timing)
                     if save:  # the timings are final: the save writes them
                         saver.save([{**f, "meta": {**f["meta"], "timing": dict(f["meta"]["timing"])}}
-                                    for f in finished], self.streams if nxt is not None else None)
+                                    for f in finished], self.streams if nxt is not None else None,
+                                   gate=gate.state() if gate is not None else None)
                         finished = []
                     timeline[block] = timing
                 if memory is not None and block in memory.peaks:
@@ -371,6 +393,9 @@ class _Process:
         reader.close()
         saver.close()
         out = {"rank": self.rank, "device": str(self.device), "timeline": timeline}
+        if gate is not None:
+            out["gate"] = gate.result()
+            gate.ev.close()
         if along is not None:
             out["along"] = {"wait_s": round(along.wait(), 3), "shards": along.timeline}
             along.close()
@@ -390,8 +415,21 @@ class _Process:
             along.block_done(amax, [layer for b in done for layer in block_layers(b)])
         return along
 
-    def _block(self, block: str, nxt: str | None, reader) -> tuple[dict, dict]:
-        """Read (ahead), build, calibrate and reduce one block; its timing and its results to save."""
+    def _gate(self, along):
+        """Process 0's fidelity gate along the pass (`export.fidelity_along`), carried on from the
+        pass's checkpoint; None when the gate does not run in this pass."""
+        if along is None or not self.job.get("gate"):
+            return None
+        from ..export.fidelity_along import GateAlong
+
+        gate = GateAlong(self.job["along"], self.device, self.job["gate"]["calibration"], self.job["blocks"])
+        done = self.job["plan"]["done"]
+        gate.resume(block_checkpoint.load_gate(self.run_dir) if done else None, done, self.device)
+        return gate
+
+    def _block(self, block: str, nxt: str | None, reader) -> tuple[dict, dict, dict]:
+        """Read (ahead), build, calibrate and reduce one block; its timing, its results to save and its
+        release tensors (views of the read buffer: the caller releases it)."""
         import torch
 
         self._t0 = time.perf_counter()
@@ -401,8 +439,6 @@ class _Process:
         reader.ahead(nxt)
         keep = nxt is not None
         result = self._mtp(raw, keep) if block == mtp.MTP_BLOCK else self._layer(block, raw, keep)
-        del raw
-        reader.release(block)  # built on the device (synchronized), calibrated and freed: its buffer is free
         t1 = time.perf_counter()
         amax, changed = distributed.reduce_amax(result["amax"], self.device)
         counts = distributed.reduce_counts(result["counts"], self.device)
@@ -410,7 +446,7 @@ class _Process:
         self.streams = result["outputs"]
         meta = {"block": block, "counts": counts, "summary": result["summary"], "enabled": result["enabled"],
                 "problems": result["problems"], "quantizers": result["quantizers"], "timing": timing}
-        return timing, {"block": block, "amax": amax, "meta": meta}
+        return timing, {"block": block, "amax": amax, "meta": meta}, raw
 
     def _finish_timing(self, timing: dict) -> None:
         import torch

@@ -112,14 +112,37 @@ class Along:
             table[i if block == "layers" else self.main + i] = rows
         return table
 
+    def _settings(self, table) -> writer.Settings:
+        resolved = layout.Resolved(table, [], {}, self.main)
+        carried = lambda prefix: self.options["cast_mxfp4_to_nvfp4"] or layout.expert_name(prefix).mtp  # noqa: E731
+        return writer.Settings(carried, resolved.amax, "cpu")
+
+    def block_tensors(self, raw: dict) -> tuple[dict | None, str | None]:
+        """(the export's tensors of the block whose release tensors `raw` holds, computed in memory by
+        the writer's own code: the fidelity gate's candidate; None and why when they are not known
+        yet: a shard that needs a fill, or one that holds more than this block)."""
+        names = set(raw)
+        jobs = [j for j in self.jobs if any(_release_names(j) & names)]
+        out = {}
+        for job in jobs:
+            if not _release_names(job) <= names:
+                return None, f"shard {job.name} holds tensors of more than one block"
+            if not set(self.layers[job.name]) <= self.final:
+                return None, f"shard {job.name}: the amax of {sorted(set(self.layers[job.name]) - self.final)} are not final"
+            table = self._rows(self.ea, job)
+            if table is None:
+                return None, (f"shard {job.name}: an expert input amax of {self.layers[job.name]} must be filled with "
+                              "the whole model's largest, known only at the end")
+            out.update(writer.shard_tensors(job.entries, job.ops, writer.BlockSource(self.reader, raw),
+                                            self._settings(table)))
+        return out, None
+
     def _write(self, job, table) -> None:
         digest = layout.rows_digest(table, self.main, self.layers[job.name])
         rec = self.manifest["shards"].get(job.name)
         if rec and rec.get("amax_rows") == digest:
             return  # a killed pass wrote it from the same amax, and it still verifies
-        resolved = layout.Resolved(table, [], {}, self.main)
-        carried = lambda prefix: self.options["cast_mxfp4_to_nvfp4"] or layout.expert_name(prefix).mtp  # noqa: E731
-        s = writer.Settings(carried, resolved.amax, "cpu")
+        s = self._settings(table)
         t0 = time.perf_counter()
         rec = writer.write_shard(self.dst / job.name, job.entries, job.ops, self.reader, s)
         with self._lock:
@@ -141,6 +164,14 @@ class Along:
         for f in self._futures:
             f.cancel()
         self._pool.shutdown(wait=True)
+
+
+def _release_names(job) -> set[str]:
+    """The release tensors a shard job reads: its copied tensors and its experts' `.weight` / `.scale`."""
+    out = set()
+    for kind, what in job.ops:
+        out |= {what.name} if kind == "copy" else {f"{what}.weight", f"{what}.scale"}
+    return out
 
 
 __all__ = ["Along"]

@@ -65,6 +65,8 @@ FIDELITY_DEFAULTS = {
     "mode": "w4a4",  # w4a4 (Blackwell: activations NVFP4) | w4a16 (Hopper's Marlin: activations BF16)
     "device": "cpu",
     "save_every": 8,  # blocks between saves of both models' streams (`fidelity_resume`; with a run directory)
+    "along": True,  # when step 02's streaming pass writes the export (quantize.export_along), run the gate in that
+                    # pass, on each block while it is in memory (`fidelity_along`); false: step 03 runs it
 }
 # Measured on the trained tiny (16 x 128 held-out tokens, W4A4, carry): PPL ratio 1.0002, KLD mean 0.0008,
 # same top token 98.3%, MTP agreement 98.4%, routed experts' own error 0.03-0.06 a layer; one layer's
@@ -91,6 +93,8 @@ def fidelity_settings(f: dict | None) -> dict:
     for key, allowed in (("engine", ENGINES), ("mode", MODES)):
         if s[key] not in allowed:
             raise ParamsError(f"export.fidelity.{key}: {s[key]!r}; one of {list(allowed)}")
+    if not isinstance(s["along"], bool):
+        raise ParamsError(f"export.fidelity.along: {s['along']!r}; write true or false")
     for key in ("samples", "seq", "batch_size", "save_every"):
         if not isinstance(s[key], int) or s[key] < 1 or (key == "seq" and s[key] < 3):
             raise ParamsError(f"export.fidelity.{key}: {s[key]!r}; a positive integer (seq at least 3)")
@@ -179,21 +183,28 @@ class Head:
 
 
 class Side:
-    """One of the two models: its checkpoint, block table, reader, embeddings, head and streams."""
+    """One of the two models: its checkpoint, block table, reader, embeddings, head and streams.
+    `blocks_to_read` None: nothing is read, the blocks are handed to `Evaluation.block` (the
+    streaming pass); `top`: another side's top-level tensors, when they are the same bytes."""
 
-    def __init__(self, path: str | Path, cfg, device, all_blocks: list[str], blocks_to_read: list[str]):
+    def __init__(self, path: str | Path, cfg, device, all_blocks: list[str], blocks_to_read: list[str] | None,
+                 top: "Side | None" = None):
         self.ck = Checkpoint(path)
         self.table = _by_block(self.ck)
         missing = [b for b in all_blocks if b not in self.table]
         if missing:
             raise FormatError(f"{path}: no tensors of block(s) {missing}")
-        top = self.ck.tensors(list(TOP_LEVEL))
-        absent = [n for n in TOP_LEVEL if n not in top]
-        if absent:
-            raise FormatError(f"{path}: top-level tensor(s) {absent} missing")
-        self.embed = top["embed.weight"].to(device)
-        self.head = Head(top, cfg, device)
-        self.reader = blocks.ReadAhead(self.ck, self.table, device.type == "cuda", blocks_to_read or all_blocks[-1:])
+        if top is not None:
+            self.embed, self.head = top.embed, top.head
+        else:
+            got = self.ck.tensors(list(TOP_LEVEL))
+            absent = [n for n in TOP_LEVEL if n not in got]
+            if absent:
+                raise FormatError(f"{path}: top-level tensor(s) {absent} missing")
+            self.embed = got["embed.weight"].to(device)
+            self.head = Head(got, cfg, device)
+        self.reader = None if blocks_to_read is None else \
+            blocks.ReadAhead(self.ck, self.table, device.type == "cuda", blocks_to_read or all_blocks[-1:])
         self.streams: list = []
 
 
@@ -267,7 +278,11 @@ class Seen:
 class Evaluation:
     """The block loop of `evaluate` (one instance per evaluation)."""
 
-    def __init__(self, export: str | Path, source: str | Path, s: dict, tokens, implementation: str, skip=()):
+    def __init__(self, export: str | Path, source: str | Path, s: dict, tokens, implementation: str, skip=(),
+                 fed_mtp_form: str | None = None):
+        """`fed_mtp_form`: the blocks are handed to `block` by the streaming pass, which writes `export`
+        meanwhile (it is not read): the candidate's top-level tensors are the release's (v4-serving
+        copies them) and its MTP experts have this form (`export.mtp_experts`)."""
         import torch
         from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RotaryEmbedding
 
@@ -276,7 +291,8 @@ class Evaluation:
         self.s = s
         self.device = torch.device(s["device"])
         self.raw_cfg = load_config(source)
-        exp_cfg = load_config(export)
+        fed = fed_mtp_form is not None
+        exp_cfg = self.raw_cfg if fed else load_config(export)
         for key in ("num_hidden_layers", "hidden_size", "n_routed_experts", "moe_intermediate_size", "vocab_size"):
             if exp_cfg.get(key) != self.raw_cfg.get(key):
                 raise FormatError(f"{export}: config {key} {exp_cfg.get(key)} but the release has "
@@ -290,9 +306,13 @@ class Evaluation:
         self.blocks = blocks.block_names(self.raw_cfg, mtp=True)
         self.release_table = blocks.block_table(self.raw_cfg)
         todo = [b for b in self.blocks if b not in set(skip)]  # a resumed gate reads only what is left
-        self.ref = Side(source, self.cfg, self.device, self.blocks, todo)
-        self.cand = Side(export, self.cfg, self.device, self.blocks, todo)
-        self.mtp_form = mtp_form(self.cand.ck, exp_cfg) if mtp.MTP_BLOCK in self.blocks else None
+        self.ref = Side(source, self.cfg, self.device, self.blocks, None if fed else todo)
+        if fed:
+            self.cand = Side(source, self.cfg, self.device, self.blocks, None, top=self.ref)
+            self.mtp_form = fed_mtp_form if mtp.MTP_BLOCK in self.blocks else None
+        else:
+            self.cand = Side(export, self.cfg, self.device, self.blocks, todo)
+            self.mtp_form = mtp_form(self.cand.ck, exp_cfg) if mtp.MTP_BLOCK in self.blocks else None
         if s["engine"] == "auto":  # main layers read alike by both; the MTP form picks the engine
             s["engine"] = MTP_READER.get(self.mtp_form, "vllm")
         self.n = n
@@ -370,11 +390,12 @@ class Evaluation:
         return [torch.cat([head.logits(y[i:i + 1], hc=layer.hc_head, norm=layer.norm).argmax(-1)
                            for i in range(y.shape[0])]) for y in outs]
 
-    def block(self, block: str) -> dict:
+    def block(self, block: str, raws: dict | None = None) -> dict:
         """Both models through one block: the reference on its streams (what its routed experts see
         kept), the candidate on its own streams, and the candidate's routed experts on what the
         reference's saw. The candidate's whole block runs on the release's inputs only where the
-        block's other tensors are not byte-identical to the release's."""
+        block's other tensors are not byte-identical to the release's. `raws`: {"release": the
+        block's tensors as released, "export": as exported}, handed over (else read here)."""
         import torch
 
         t0 = time.perf_counter()
@@ -382,11 +403,14 @@ class Evaluation:
             torch.cuda.reset_peak_memory_stats(self.device)
         nxt = self.blocks[self.blocks.index(block) + 1] if block != self.blocks[-1] else None
         timing: dict = {}
-        raws = {}
-        for side, name in ((self.ref, "release"), (self.cand, "export")):
-            raws[name], rt = side.reader.take(block)
-            side.reader.ahead(nxt)
-            timing.update({f"{name}_{k}": v for k, v in rt.items()})
+        if raws is None:
+            raws = {}
+            for side, name in ((self.ref, "release"), (self.cand, "export")):
+                raws[name], rt = side.reader.take(block)
+                side.reader.ahead(nxt)
+                timing.update({f"{name}_{k}": v for k, v in rt.items()})
+        else:
+            raws = dict(raws)
         same = same_non_expert_bytes(raws["release"], raws["export"], block)
         is_mtp = block == mtp.MTP_BLOCK
         ref_in, ref_kw = self._inputs(self.ref, block)
@@ -395,7 +419,8 @@ class Evaluation:
         for side, candidate in ((self.ref, False), (self.cand, True)):
             t1 = time.perf_counter()
             layer = self._layer(block, raws.pop("export" if candidate else "release"), candidate)
-            side.reader.release(block)
+            if side.reader is not None:
+                side.reader.release(block)
             blocks.sync(self.device)
             t2 = time.perf_counter()
             if not candidate:
@@ -464,7 +489,8 @@ class Evaluation:
 
     def close(self) -> None:
         for side in (self.ref, self.cand):
-            side.reader.close()
+            if side.reader is not None:
+                side.reader.close()
 
 
 def logit_numbers(nll_ref, nll_cand, kld, same, dp) -> dict:
@@ -525,6 +551,21 @@ def worst_blocks(rows: list[dict], k: int = 3) -> list[str]:
 # ----------------------------------------------------------------------------- entry point
 
 
+def held_out_tokens(source: str | Path, s: dict, calibration: str | Path | None):
+    """(the held-out text file, its token windows [samples, seq]) for settings `s`: `s["text"]`, else
+    the held-out file beside the calibration JSONL; refused when it shares a calibration sample."""
+    from ..calibrate.data import heldout_path
+    from ..calibrate.hf_model import load_tokenizer
+
+    text = s["text"] or (heldout_path(calibration) if calibration else None)
+    if text is None:
+        raise ParamsError("export.fidelity.text: no held-out text named and no calibration file to find it beside")
+    texts = read_texts(text)
+    check_held_out(texts, calibration)
+    tok, _, _ = load_tokenizer(str(source))
+    return text, token_windows(texts, tok, s["samples"], s["seq"])
+
+
 def evaluate(export: str | Path, source: str | Path, settings: dict | None = None, calibration: str | Path | None = None,
              progress: bool = True, implementation: str | None = None, resume_dir: str | Path | None = None) -> dict:
     """Run the fidelity gate on `export` against the release `source`; the result (also `eval.json`).
@@ -537,17 +578,8 @@ def evaluate(export: str | Path, source: str | Path, settings: dict | None = Non
     (`fidelity_resume`); removed when the gate ends. None: nothing kept."""
     import torch
 
-    from ..calibrate.data import heldout_path
-    from ..calibrate.hf_model import load_tokenizer
-
     s = fidelity_settings(settings)
-    text = s["text"] or (heldout_path(calibration) if calibration else None)
-    if text is None:
-        raise ParamsError("export.fidelity.text: no held-out text named and no calibration file to find it beside")
-    texts = read_texts(text)
-    check_held_out(texts, calibration)
-    tok, _, _ = load_tokenizer(str(source))
-    tokens = token_windows(texts, tok, s["samples"], s["seq"])
+    text, tokens = held_out_tokens(source, s, calibration)
     t0 = time.perf_counter()
     torch.compiler.set_stance("force_eager")
     implementation = implementation or "grouped_mm"  # one GEMM a projection, not one per expert
@@ -585,6 +617,13 @@ def evaluate(export: str | Path, source: str | Path, settings: dict | None = Non
             bar.close()
         ev.close()
     keep.clear()
+    return conclude(rows, numbers, s, text, export, source, ev.mtp_form, time.perf_counter() - t0)
+
+
+def conclude(rows: list[dict], numbers: dict, s: dict, text, export, source, form: str | None, elapsed: float) -> dict:
+    """The gate's result from every block's row and the final numbers: the verdict under `s`'s
+    thresholds (`judge`), the summary and the record `evaluate` returns (also the streaming pass's)."""
+    numbers = dict(numbers)
     mtp_row = next((r for r in rows if "mtp" in r), None)
     if mtp_row is not None:
         numbers["mtp"] = mtp_row["mtp"]
@@ -600,7 +639,7 @@ def evaluate(export: str | Path, source: str | Path, settings: dict | None = Non
             "outliers": outliers, "worst_blocks": worst, "numbers": numbers, "blocks": rows,
             "settings": {**s, "text": str(text)}, "tokens": {"samples": s["samples"], "seq": s["seq"],
                                                              "scored": numbers["tokens"]},
-            "mtp_form": ev.mtp_form, "elapsed_s": round(time.perf_counter() - t0, 2)}
+            "mtp_form": form, "elapsed_s": round(elapsed, 2)}
 
 
 # ----------------------------------------------------------------------------- records
@@ -747,6 +786,6 @@ def plot_blocks(result: dict, ax=None):
     return ax
 
 
-__all__ = ["evaluate", "fidelity_settings", "format_table", "write_result", "exit_code", "require_pass", "plot_blocks",
+__all__ = ["evaluate", "held_out_tokens", "conclude", "Evaluation", "fidelity_settings", "format_table", "write_result", "exit_code", "require_pass", "plot_blocks",
            "write_model_card", "provenance", "serving_lines",
            "FIDELITY_DEFAULTS", "GATE_DEFAULTS", "logit_numbers", "judge"]

@@ -367,8 +367,12 @@ def export(e: dict, run_dir: str | Path, progress: bool = True, verify_stem: str
 def calibration_file(run_dir: Path) -> str | None:
     """The local calibration JSONL step 02 ran on (from its `quantize.json`), or None."""
     q = atomic.read_json(run_dir / "quantize.json") or {}
-    datasets = str(((q.get("params") or {}).get("hf_ptq") or {}).get("dataset") or "").split(",")
-    local = [d for d in datasets if d.endswith(".jsonl") and Path(d).exists()]
+    return local_calibration(((q.get("params") or {}).get("hf_ptq") or {}).get("dataset"))
+
+
+def local_calibration(dataset: str | None) -> str | None:
+    """The first local JSONL of an hf_ptq `dataset` value (comma-separated names), or None."""
+    local = [d for d in str(dataset or "").split(",") if d.endswith(".jsonl") and Path(d).exists()]
     return local[0] if local else None
 
 
@@ -380,8 +384,10 @@ def run_fidelity(e: dict, run_dir: Path, verified: dict, progress: bool = True) 
 
     if verified["verdict"] != "pass":
         return {"record": {"verdict": "not run", "why": f"verify: {verified['verdict']}"}, "result": None}
-    result = fidelity.evaluate(e["dir"], e["source"], e["fidelity"], calibration=calibration_file(run_dir),
-                               progress=progress, resume_dir=run_dir / PROGRESS_DIR)
+    result, ran = _gate_of_the_pass(e, run_dir), "in step 02's streaming pass (eval-02.json), judged here"
+    if result is None:
+        result, ran = fidelity.evaluate(e["dir"], e["source"], e["fidelity"], calibration=calibration_file(run_dir),
+                                        progress=progress, resume_dir=run_dir / PROGRESS_DIR), "here"
     files = fidelity.write_result(result, run_dir)
     card = fidelity.write_model_card(e["dir"], result, fidelity.provenance(run_dir, e))
     n = result["numbers"]
@@ -389,7 +395,25 @@ def run_fidelity(e: dict, run_dir: Path, verified: dict, progress: bool = True) 
         "verdict": result["verdict"], "summary": result["summary"], "reasons": result["reasons"],
         "worst_blocks": result["worst_blocks"], "ppl_ratio": n["ppl_ratio"], "kld_mean": n["kld"]["mean"],
         "same_top": n["same_top"], "mtp_agreement": (n.get("mtp") or {}).get("top1_agreement"),
-        "files": [str(p) for p in files], "model_card": str(card)}}
+        "files": [str(p) for p in files], "model_card": str(card), "ran": ran}}
+
+
+def _gate_of_the_pass(e: dict, run_dir: Path) -> dict | None:
+    """The gate step 02's streaming pass ran on this export, under this step's thresholds; None (and
+    why, on the terminal) when it ran none or measured something else: then this step runs it."""
+    from ..amax import SNAPSHOT
+    from ..release.shards import file_digest
+    from . import fidelity_along
+
+    gate = atomic.read_json(run_dir / f"{fidelity_along.RECORD}.json")
+    snap = run_dir / SNAPSHOT
+    if gate is None or not snap.exists():
+        return None
+    why = fidelity_along.adoptable(gate, e, file_digest(snap), e["fidelity"])
+    if why:
+        print(f"[quantbook] fidelity gate: {why}; running it here", flush=True)
+        return None
+    return fidelity_along.rejudge(gate, e["fidelity"])
 
 
 def default_run_dir(params: dict, runs_dir: str | Path = "runs") -> Path:

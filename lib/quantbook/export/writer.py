@@ -87,17 +87,64 @@ class Settings:
         return Settings(self.carry, self.amax, self.device, method, max(1, threads), max(1, window), self.scalars)
 
 
+class FileSource:
+    """The release's bytes on disk: expert tensors read into memory, every other tensor copied
+    from file to file (step 03, and a shard the streaming pass left for the end)."""
+
+    def __init__(self, ck: Checkpoint):
+        self.ck = ck
+
+    def entry(self, name: str):
+        return self.ck.entry(name)
+
+    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """The tensor's bytes [its shape] in an array the caller may change."""
+        e = self.ck.entry(name)
+        return read_into(self.ck.path(name), e.start, np.empty(e.shape, np.uint8) if out is None else out)
+
+    def segment(self, name: str) -> tuple:
+        """The tensor's bytes unchanged, as the writer takes them (a file range: never enters Python)."""
+        e = self.ck.entry(name)
+        return ("copy", self.ck.path(name), e.start, e.nbytes)
+
+
+class BlockSource(FileSource):
+    """A block's release bytes already in memory (the streaming pass's read buffer, `raw`: views
+    with the release's dtypes and shapes): the pass writes the block's shard without reading the
+    release again, and the gate takes the export's tensors from the same computation."""
+
+    def __init__(self, ck: Checkpoint, raw: dict):
+        super().__init__(ck)
+        self.raw = raw
+
+    def _bytes(self, name: str) -> np.ndarray:
+        return self.raw[name].reshape(-1).view(torch.uint8).numpy()
+
+    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        data = self._bytes(name)
+        if out is None:
+            return data.reshape(self.ck.entry(name).shape).copy()  # the buffer stays as read
+        out.reshape(-1)[:] = data
+        return out
+
+    def segment(self, name: str) -> tuple:
+        return ("bytes", self._bytes(name))
+
+
+def source_of(reader) -> FileSource:
+    """A source for `reader`: a Checkpoint (the files) or a source already."""
+    return reader if isinstance(reader, FileSource) else FileSource(reader)
+
+
 class _Experts:
     """Computes a shard's expert projections: a list of byte segments and stats per projection."""
 
-    def __init__(self, reader: Checkpoint, s: Settings):
-        self.reader, self.s = reader, s
+    def __init__(self, source: FileSource, s: Settings):
+        self.source, self.s = source, s
         self._tls = threading.local()
 
     def _read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
-        e = self.reader.entry(name)
-        buf = np.empty(e.shape, np.uint8) if out is None else out
-        return read_into(self.reader.path(name), e.start, buf)
+        return self.source.read(name, out)
 
     def _scale(self, prefix: str) -> np.ndarray:
         s = self._read(f"{prefix}.scale")
@@ -121,9 +168,8 @@ class _Experts:
             codes = self._read(f"{prefix}.weight")
             nvfp4.requantize_lossy(codes, s, scale, ws2, lossy)
             first = ("bytes", codes)
-        else:  # the released codes, copied by the writer without entering Python
-            e = self.reader.entry(f"{prefix}.weight")
-            first = ("copy", self.reader.path(f"{prefix}.weight"), e.start, e.nbytes)
+        else:  # the released codes unchanged
+            first = self.source.segment(f"{prefix}.weight")
         return [first, ("bytes", self._tail(prefix, scale, nvfp4.f32_bytes(ws2)))], \
             {"blocks": int(s.size), "lossy": int(lossy.size)}
 
@@ -137,7 +183,7 @@ class _Experts:
     def requant_batch(self, prefixes: list[str]) -> dict:
         out, by_shape = {}, {}
         for p in prefixes:
-            by_shape.setdefault(tuple(self.reader.entry(f"{p}.weight").shape), []).append(p)
+            by_shape.setdefault(tuple(self.source.entry(f"{p}.weight").shape), []).append(p)
         pin = str(self.s.device).startswith("cuda")
         for (rows, half), group in by_shape.items():
             codes = torch.empty(len(group), rows, half, dtype=torch.uint8, pin_memory=pin)
@@ -227,46 +273,102 @@ class _Tally:
         return rec
 
 
-def write_shard(path, entries: list, ops: list, reader: Checkpoint, s: Settings, on_bytes=None) -> dict:
+def _planned(entries: list, ops: list, source: FileSource, s: Settings, tally: "_Tally"):
+    """(the output entries of each op, its byte segments), in shard order: a copied tensor is one
+    entry, an expert projection its four (`entries` as planned; `ops` as in `write_shard`)."""
+    experts = [what for kind, what in ops if kind == "expert"]
+    s = s.resolved(any_requant=any(not s.carry(p) for p in experts))
+    windows = [experts[k:k + s.window] for k in range(0, len(experts), s.window)]
+    window_of = {p: w for w, ps in enumerate(windows) for p in ps}
+    ahead = _Ahead(_Experts(source, s), windows, s.threads)
+    ready, at = {}, 0
+    try:
+        for kind, what in ops:
+            if kind == "copy":
+                yield entries[at:at + 1], [source.segment(what.name)]
+                at += 1
+                continue
+            if what not in ready:
+                ready.update(ahead.result(window_of[what]))
+            segments, stats = ready.pop(what)
+            tally.add(what, stats)
+            yield entries[at:at + 4], segments
+            at += 4
+    finally:
+        ahead.close()
+
+
+def write_shard(path, entries: list, ops: list, reader, s: Settings, on_bytes=None) -> dict:
     """Write one planned output shard to `path` atomically; returns its manifest record.
 
     `entries`: the output's (name, dtype, shape) in order; `ops`: ("copy", TensorEntry of the
-    release) or ("expert", projection prefix), whose four entries follow in `entries`. The record
+    release) or ("expert", projection prefix), whose four entries follow in `entries`; `reader`:
+    the release (a Checkpoint: its files) or a source (`BlockSource`: a block in memory). The record
     holds size and digest, and: carried blocks (`cast_blocks`, `cast_lossless`, `cast_lossy`
     {tensor: lossy 32-blocks}) when anything was carried; weight amax that are not max |w| of
     the release (`weight_amax_not_release_max`) when re-quantizing.
     """
-    experts = [what for kind, what in ops if kind == "expert"]
-    carried = any(s.carry(p) for p in experts)
-    s = s.resolved(any_requant=any(not s.carry(p) for p in experts))
-    windows = [experts[k:k + s.window] for k in range(0, len(experts), s.window)]
-    window_of = {p: w for w, ps in enumerate(windows) for p in ps}
-    ahead = _Ahead(_Experts(reader, s), windows, s.threads)
-    tally, ready, at = _Tally(), {}, 0
-    try:
-        with ShardWriter(path, entries, metadata={"format": "pt"}) as writer:
-            for kind, what in ops:
-                before = writer.written
-                if kind == "copy":
-                    writer.copy_range(reader.path(what.name), what.start, what.nbytes)
-                    planned, at = entries[at:at + 1], at + 1
+    carried = any(s.carry(what) for kind, what in ops if kind == "expert")
+    tally = _Tally()
+    with ShardWriter(path, entries, metadata={"format": "pt"}) as writer:
+        for planned, segments in _planned(entries, ops, source_of(reader), s, tally):
+            before = writer.written
+            for seg in segments:
+                if seg[0] == "copy":
+                    writer.copy_range(*seg[1:])
                 else:
-                    if what not in ready:
-                        ready.update(ahead.result(window_of[what]))
-                    segments, stats = ready.pop(what)
-                    for seg in segments:
-                        if seg[0] == "copy":
-                            writer.copy_range(*seg[1:])
-                        else:
-                            writer.write(seg[1])
-                    tally.add(what, stats)
-                    planned, at = entries[at:at + 4], at + 4
-                want = sum(int(np.prod(shape)) * DTYPE_SIZE[dtype] for _, dtype, shape in planned)
-                if writer.written - before != want:
-                    raise AssertionError(f"{planned[0][0]}: wrote {writer.written - before} bytes, planned {want}")
-                if on_bytes:
-                    on_bytes(writer.written - before)
-            size, digest = writer.finish()
-    finally:
-        ahead.close()
+                    writer.write(seg[1])
+            want = sum(_nbytes(dtype, shape) for _, dtype, shape in planned)
+            if writer.written - before != want:
+                raise AssertionError(f"{planned[0][0]}: wrote {writer.written - before} bytes, planned {want}")
+            if on_bytes:
+                on_bytes(writer.written - before)
+        size, digest = writer.finish()
     return {"size": size, HASH: digest, **tally.record(carried)}
+
+
+def _nbytes(dtype: str, shape) -> int:
+    return int(np.prod(shape)) * DTYPE_SIZE[dtype]
+
+
+def shard_tensors(entries: list, ops: list, source: FileSource, s: Settings) -> dict:
+    """The tensors `write_shard` would write, in memory ({name: tensor} with the output's dtypes and
+    shapes), from the same computation: the fidelity gate's candidate during the streaming pass."""
+    from ..release.shards import torch_dtype
+
+    out = {}
+    for planned, segments in _planned(entries, ops, source, s, _Tally()):
+        parts = [_segment_bytes(seg) for seg in segments]
+        for name, dtype, shape in planned:
+            data, parts = _take(parts, _nbytes(dtype, shape), name)
+            out[name] = torch.from_numpy(data).view(torch_dtype(dtype)).reshape(shape)
+        if any(p.size for p in parts):
+            raise AssertionError(f"{planned[0][0]}: {sum(p.size for p in parts)} bytes computed beyond the plan")
+    return out
+
+
+def _take(parts: list, n: int, name: str) -> tuple[np.ndarray, list]:
+    """The next `n` bytes of `parts` (a view when one part holds them all) and what is left."""
+    if parts and parts[0].size >= n:
+        return parts[0][:n], [parts[0][n:], *parts[1:]]
+    got, left = [], n
+    while left:
+        if not parts:
+            raise AssertionError(f"{name}: {n - left} bytes computed, planned {n}")
+        head, parts = parts[0], parts[1:]
+        got.append(head[:left])
+        if head.size > left:
+            parts = [head[left:], *parts]
+        left -= got[-1].size
+    return np.concatenate(got), parts
+
+
+def _segment_bytes(seg: tuple) -> np.ndarray:
+    """A segment's bytes as a writable uint8 array."""
+    if seg[0] == "copy":
+        _, path, start, nbytes = seg
+        return read_into(path, start, np.empty(nbytes, np.uint8))
+    data = seg[1]
+    if isinstance(data, (bytes, bytearray)):
+        return np.frombuffer(bytearray(data), np.uint8)
+    return np.ascontiguousarray(data).reshape(-1).view(np.uint8)

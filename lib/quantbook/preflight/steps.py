@@ -55,6 +55,7 @@ class Context:
     disk: list[dict] = field(default_factory=list)
     release: dict | None = None  # {"src", "config", "plan" (convert.Plan or None), "built"}
     now: bool = False  # the steps run now (judge_run): an input no judged step writes must exist already
+    in_pass: dict = field(default_factory=dict)  # step 02's streaming pass: seconds of calibrate, write, gate
 
     def add(self, step: str, area: str, item: str, status: str, detail: str) -> None:
         self.checks.append({"step": step, "area": area, "item": item, "status": status, "detail": detail})
@@ -498,11 +499,20 @@ def _export(ctx: Context) -> None:
     if f["enabled"] and e["layout"] == "v4-serving":
         cfg = rel["config"]
         blocks_n = cfg["num_hidden_layers"] + (1 if cfg.get("num_nextn_predict_layers") else 0)
-        rate = rates_mod.pick(ctx.rates, "eval", device=f["device"], cpus=ctx.machine.cpus)
+        q = ctx.params.get("quantize") or {}
+        in_pass = _writes_along(ctx) and f["along"] and (q.get("mtp", "calibrate") == "calibrate"
+                                                         or not cfg.get("num_nextn_predict_layers"))
+        device = ((q.get("hf_ptq") or {}).get("device") or "cuda") if in_pass else f["device"]
+        rate = rates_mod.pick(ctx.rates, "eval", device=device, cpus=ctx.machine.cpus)
+        secs = rates_mod.seconds(rate, layers=blocks_n) if rate else None
         ctx.plan.append({"step": "03", "what": f"fidelity gate: {blocks_n} blocks x 2 models on {f['samples']} x "
-                                               f"{f['seq']} held-out tokens ({f['engine']}, {f['mode']})",
-                         "runs": "yes", "seconds": rates_mod.seconds(rate, layers=blocks_n) if rate else None,
+                                               f"{f['seq']} held-out tokens ({f['engine']}, {f['mode']})"
+                                               + (": in step 02's pass, block by block (export.fidelity.along)"
+                                                  if in_pass else ""),
+                         "runs": "in 02" if in_pass else "yes", "seconds": secs,
                          "rate": rates_mod.describe(rate) if rate else None})
+        if in_pass:
+            _in_pass(ctx, gate=secs)
 
 
 def _writes_along(ctx: Context) -> bool:
@@ -518,7 +528,22 @@ def _overlap_with_calibration(ctx: Context, write_s: float | None) -> None:
     if row is None:
         return
     row["what"] += " + the v4-serving export written along"
-    row["seconds"] = None if row.get("seconds") is None or write_s is None else max(row["seconds"], write_s)
+    _in_pass(ctx, calibrate=row.get("seconds"), write=write_s)
+
+
+def _in_pass(ctx: Context, **seconds) -> None:
+    """Step 02's planned time from the parts of its pass: the GPU's work (calibration, then the gate on the
+    same block) beside the writer's, whichever is longer; unknown when a part is."""
+    row = next((r for r in ctx.plan if r["step"] == "02" and r["what"].startswith("calibrate")), None)
+    if row is None:
+        return
+    ctx.in_pass.update(seconds)
+    if "gate" in seconds:
+        row["what"] += " + the fidelity gate"
+    parts = ctx.in_pass
+    compute = [parts.get("calibrate"), parts.get("gate", 0.0)]
+    row["seconds"] = None if None in compute or parts.get("write", 0.0) is None else \
+        max(sum(compute), parts.get("write", 0.0))
 
 
 def _fidelity(ctx: Context, e: dict) -> None:
