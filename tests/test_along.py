@@ -59,6 +59,10 @@ def test_the_export_written_along_is_step03s_byte_for_byte(along):
         files(base / "alone", exclude=("quantbook-layout.json",))
     assert manifest(base / "export") == manifest(base / "alone")
     assert "along" not in json.loads((base / "export" / "quantbook-layout.json").read_text())
+    # each layer's shard from the block the pass had read (the release read once), embed and head from the files
+    assert {s["shard"]: s["from"] for s in e["along_shards"]} == {
+        s["shard"]: "the pass's read buffer" if s["layers"] or s["shard"].startswith("model-00007") else "the release's files"
+        for s in e["along_shards"]}
     from quantbook.calibrate import report
 
     t = report.along_table(rec)  # notebook 02's table of the pass's shards

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -254,7 +255,9 @@ class ReadAhead:
     Two buffers, each as large as the largest block, allocated once and reused: a block's tensors
     are views of its buffer until `release(block)`, and the next block is read into the other one
     (page-locked on CUDA: allocating 14 GB of page-locked memory per block took as long as reading
-    it, half the disk's rate, on an H200 machine)."""
+    it, half the disk's rate, on an H200 machine). A read waits for a buffer to be given back; one
+    may be held past its block's compute (the export's writer: `Lease`), so the read thread waits,
+    not the loop, and how long is reported (`buffer_wait_s`)."""
 
     def __init__(self, release, table: dict, pin: bool, blocks_to_read: list[str]):
         self.ckpt, self.table, self.pin = release, table, pin
@@ -265,36 +268,64 @@ class ReadAhead:
         self.buffers: list = [None, None]
         self.free = [1, 0]
         self.owner: dict[str, int] = {}
+        self._cond = threading.Condition()
 
-    def _read(self, block: str, buf):
+    def _read(self, block: str):
         t0 = time.perf_counter()
-        raw, nbytes = self.ckpt.read_block(list(self.table[block]), pin_memory=self.pin, into=buf)
-        return raw, nbytes, time.perf_counter() - t0
-
-    def ahead(self, block: str | None) -> None:
-        if block is None or block in self.pending:
-            return
-        if not self.free:
-            raise RuntimeError(f"no read buffer free for {block}: a block was not released")
-        i = self.free.pop()
+        with self._cond:
+            while not self.free:
+                self._cond.wait()
+            i = self.free.pop()
+            self.owner[block] = i
+        waited = time.perf_counter() - t0
         if self.buffers[i] is None:
             import torch
 
             self.buffers[i] = torch.empty(self.size, dtype=torch.uint8, pin_memory=self.pin)
-        self.owner[block] = i
-        self.pending[block] = self.pool.submit(self._read, block, self.buffers[i])
+        t1 = time.perf_counter()
+        raw, nbytes = self.ckpt.read_block(list(self.table[block]), pin_memory=self.pin, into=self.buffers[i])
+        return raw, nbytes, time.perf_counter() - t1, waited
+
+    def ahead(self, block: str | None) -> None:
+        if block is None or block in self.pending:
+            return
+        self.pending[block] = self.pool.submit(self._read, block)
 
     def take(self, block: str) -> tuple[dict, dict]:
         """The block's tensors as stored (views of its buffer until `release`), and
-        {read_s, read_wait_s, read_bytes}."""
+        {read_s, read_wait_s, read_bytes, buffer_wait_s}."""
         self.ahead(block)
         t0 = time.perf_counter()
-        raw, nbytes, secs = self.pending.pop(block).result()
-        return raw, {"read_s": round(secs, 4), "read_wait_s": round(time.perf_counter() - t0, 4), "read_bytes": nbytes}
+        raw, nbytes, secs, waited = self.pending.pop(block).result()
+        return raw, {"read_s": round(secs, 4), "read_wait_s": round(time.perf_counter() - t0, 4), "read_bytes": nbytes,
+                     "buffer_wait_s": round(waited, 4)}
 
     def release(self, block: str) -> None:
-        """The block's bytes are no longer used (its layer is built, calibrated and freed)."""
-        self.free.append(self.owner.pop(block))
+        """The block's bytes are no longer used (its layer is built, calibrated and freed, its shard
+        written): its buffer takes the next read. Any thread."""
+        with self._cond:
+            self.free.append(self.owner.pop(block))
+            self._cond.notify_all()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Lease:
+    """A block's read buffer, given back (`give_back`) when the last holder is done: the pass, which
+    holds it from the start, and each export shard written from it in the background (`hold`)."""
+
+    def __init__(self, give_back):
+        self._give_back, self._n, self._lock = give_back, 1, threading.Lock()
+
+    def hold(self) -> None:
+        with self._lock:
+            self._n += 1
+
+    def done(self, *_) -> None:
+        """One holder is done (also a future's done-callback: whatever its outcome)."""
+        with self._lock:
+            self._n -= 1
+            last = self._n == 0
+        if last:
+            self._give_back()

@@ -34,6 +34,7 @@ from __future__ import annotations
 import random
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 from .. import atomic
@@ -362,12 +363,13 @@ class _Process:
                 nxt = self.todo[k + 1] if k + 1 < len(self.todo) else None
                 with memory.phase(block) if memory is not None else nullcontext():
                     timing, entry, raw = self._block(block, nxt, reader)
+                    lease = blocks.Lease(partial(reader.release, block))  # the writer may hold the buffer longer
                     if along is not None:
-                        along.block_done(entry["amax"], block_layers(block))
+                        along.block_done(entry["amax"], block_layers(block), raw, lease)
                     if gate is not None:  # both models through the block while its bytes are in memory
                         timing.update(gate.block(block, raw, along))
                     del raw
-                    reader.release(block)
+                    lease.done()
                     finished.append(entry)
                     done_after = len(job["blocks"]) - len(self.todo) + k + 1
                     save = nxt is None or done_after % job["save_every"] == 0

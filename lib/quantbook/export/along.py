@@ -4,7 +4,9 @@ A layer's shard depends on the release and on that layer's amax only (its expert
 with `cast_mxfp4_to_nvfp4: false` their weight amax), unless an amax must be filled: the fill is the
 largest of the whole model, known at the end. So while the streaming driver calibrates, each shard is
 written as soon as its layers' amax are final, by the same writer step 03 uses (export.writer),
-in background threads (`export.workers` shards at a time), while the next blocks are read and calibrated:
+in background threads (`export.workers` shards at a time), while the next blocks are read and calibrated;
+a shard whose release tensors are the block's is written from the pass's read buffer, which it holds
+until written (the release is read once):
 
     at the start    the shards without routed experts (embedding, head), and whatever an earlier,
                     killed pass recorded and still verifies is kept
@@ -75,9 +77,11 @@ class Along:
         atomic.write_json(self.dst / layout.MANIFEST, m)
         return m
 
-    def block_done(self, amax: dict, layers: list[tuple[str, int]]) -> None:
+    def block_done(self, amax: dict, layers: list[tuple[str, int]], raw: dict | None = None, lease=None) -> None:
         """These layers' amax are final (snapshot names, as `amax.safetensors` holds them): write every
-        shard they complete, in the background."""
+        shard they complete, in the background. `raw`: the block's release tensors, still in the pass's
+        read buffer: a shard whose release tensors are all there is written from them (the release is
+        not read again), holding `lease` (`blocks.Lease`) until it is written."""
         for f in self._futures:  # a shard that failed stops the pass at the next block, not at the end
             if f.done() and f.exception() is not None:
                 raise f.exception()
@@ -85,17 +89,24 @@ class Along:
         self.ea.weight.update(new.weight)
         self.ea.input.update(new.input)
         self.final.update(layers)
-        self._submit_ready()
+        self._submit_ready(raw, lease)
 
-    def _submit_ready(self) -> None:
+    def _submit_ready(self, raw: dict | None = None, lease=None) -> None:
         ready = [j for j in self.pending if set(self.layers[j.name]) <= self.final]
-        if not ready:
-            return
         for job in ready:
             table = self._rows(self.ea, job)
             self.pending.remove(job)
-            if table is not None:
-                self._futures.append(self._pool.submit(self._write, job, table))
+            if table is None:
+                continue
+            source = writer.FileSource(self.reader)
+            if raw is not None and _release_names(job) <= set(raw):
+                source = writer.BlockSource(self.reader, raw)
+                if lease is not None:
+                    lease.hold()
+            future = self._pool.submit(self._write, job, table, source)
+            if isinstance(source, writer.BlockSource) and lease is not None:
+                future.add_done_callback(lease.done)
+            self._futures.append(future)
 
     def _rows(self, ea, job):
         """A table holding this shard's layers' rows (the rest zero), or None when one needs a fill."""
@@ -137,19 +148,21 @@ class Along:
                                             self._settings(table)))
         return out, None
 
-    def _write(self, job, table) -> None:
+    def _write(self, job, table, source) -> None:
         digest = layout.rows_digest(table, self.main, self.layers[job.name])
         rec = self.manifest["shards"].get(job.name)
         if rec and rec.get("amax_rows") == digest:
             return  # a killed pass wrote it from the same amax, and it still verifies
         s = self._settings(table)
         t0 = time.perf_counter()
-        rec = writer.write_shard(self.dst / job.name, job.entries, job.ops, self.reader, s)
+        rec = writer.write_shard(self.dst / job.name, job.entries, job.ops, source, s)
         with self._lock:
             self.manifest["shards"][job.name] = {**rec, "amax_rows": digest}
             atomic.write_json(self.dst / layout.MANIFEST, self.manifest)
             self.timeline.append({"shard": job.name, "bytes": rec["size"], "write_s": round(time.perf_counter() - t0, 3),
-                                  "layers": [f"{b}.{i}" for b, i in self.layers[job.name]]})
+                                  "layers": [f"{b}.{i}" for b, i in self.layers[job.name]],
+                                  "from": "the pass's read buffer" if isinstance(source, writer.BlockSource)
+                                  else "the release's files"})
 
     def wait(self) -> float:
         """Block until every submitted shard is written (raising a writer's error); seconds waited."""
@@ -160,7 +173,8 @@ class Along:
         return time.perf_counter() - t0
 
     def close(self) -> None:
-        """Stop: shards being written finish (complete and recorded), queued ones are dropped."""
+        """Stop: shards being written finish (complete and recorded), queued ones are dropped (their
+        read buffers given back: a cancelled future runs its done-callbacks)."""
         for f in self._futures:
             f.cancel()
         self._pool.shutdown(wait=True)
