@@ -410,7 +410,7 @@ class _Process:
             return None
         from ..export.along import Along
 
-        along = Along(self.job["along"], progress=False)
+        along = Along(self.job["along"], progress=False, pass_blocks=self.todo)
         done = self.job["plan"]["done"]
         if done:
             amax, _ = block_checkpoint.collect(self.run_dir)

@@ -8,7 +8,7 @@ in background threads (`export.workers` shards at a time), while the next blocks
 a shard whose release tensors are the block's is written from the pass's read buffer, which it holds
 until written (the release is read once):
 
-    at the start    the shards without routed experts (embedding, head), and whatever an earlier,
+    at the start    the shards outside every block (embedding, head), and whatever an earlier,
                     killed pass recorded and still verifies is kept
     each block      its amax (reduced over processes) are final: every shard whose layers are all
                     final and need no fill is written (`.partial`, fsync, rename, then recorded in
@@ -38,13 +38,16 @@ class Along:
     """The export directory being written while blocks are calibrated (one per run, in the process
     that holds the reduced amax)."""
 
-    def __init__(self, e: dict, progress: bool = True):
+    def __init__(self, e: dict, progress: bool = True, pass_blocks: list[str] = ()):
+        """`pass_blocks`: the blocks this pass reads from now on; a shard made only of one of their
+        tensors (the MTP block's, its experts as released) waits for it, to be written from its buffer."""
         self.e, self.progress = e, progress
         self.src, self.dst = Path(e["source"]).resolve(), Path(e["dir"]).resolve()
         rp, self.reader = layout.open_release(self.src, self.dst, e["cast_mxfp4_to_nvfp4"], e["mtp_experts"])
         self.config, self.options = rp.config, layout.layout_options(e["cast_mxfp4_to_nvfp4"], e["mtp_experts"])
         self.jobs, _ = layout.shard_jobs(self.reader, e["mtp_experts"])
         self.layers = {j.name: layout.shard_layers(j) for j in self.jobs}
+        self.waits = {j.name: set(self.layers[j.name]) | _read_by_the_pass(j, pass_blocks) for j in self.jobs}
         self.main = self.config["num_hidden_layers"]
         self.fresh = {"kind": "quantbook.layout", "layout": layout.LAYOUT, "source": str(self.src),
                       "source_id": rp.source_id, "options": self.options, "along": True, "complete": False}
@@ -92,7 +95,7 @@ class Along:
         self._submit_ready(raw, lease)
 
     def _submit_ready(self, raw: dict | None = None, lease=None) -> None:
-        ready = [j for j in self.pending if set(self.layers[j.name]) <= self.final]
+        ready = [j for j in self.pending if self.waits[j.name] <= self.final]
         for job in ready:
             table = self._rows(self.ea, job)
             self.pending.remove(job)
@@ -178,6 +181,17 @@ class Along:
         for f in self._futures:
             f.cancel()
         self._pool.shutdown(wait=True)
+
+
+def _read_by_the_pass(job, pass_blocks) -> set[tuple[str, int]]:
+    """{(kind, index)} of the pass's block that holds every release tensor of `job`, or nothing."""
+    from ..release.format import split_block
+
+    owners = {split_block(n)[:2] for n in _release_names(job)}
+    if len(owners) != 1:
+        return set()
+    kind, index = owners.pop()
+    return {(kind, int(index))} if kind is not None and f"{kind}.{index}" in pass_blocks else set()
 
 
 def _release_names(job) -> set[str]:
