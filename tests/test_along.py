@@ -86,6 +86,29 @@ def test_step03_after_the_pass_writes_nothing_and_verifies(along, tiny_chain):
     assert verify(base / "export", source=tiny_chain["src"], progress=False)["verdict"] == "pass"
 
 
+def test_the_end_of_the_pass_reads_no_shard_again(along, tiny_chain, tmp_path, monkeypatch):
+    """The pass's end takes the shards it wrote itself by their records (digest of the bytes as written):
+    no second read of the export; a shard written by anyone else is read and hashed as before."""
+    import shutil
+
+    from quantbook import amax
+    from quantbook.export.layout import write_serving_layout
+    from quantbook.release import resume
+
+    shutil.copytree(along["base"] / "export", tmp_path / "export")
+    names = frozenset(p.name for p in (tmp_path / "export").glob("model-*.safetensors"))
+
+    def no_reading(path):
+        raise AssertionError(f"{path} read again")
+
+    monkeypatch.setattr(resume, "file_digest", no_reading)
+    args = (tiny_chain["src"], along["base"] / "run" / amax.SNAPSHOT, tmp_path / "export")
+    r = write_serving_layout(*args, progress=False, trusted=names, **MTP_NVFP4)
+    assert r["shards_written"] == 0 and r["shards_skipped"] == 7
+    with pytest.raises(AssertionError, match="read again"):
+        write_serving_layout(*args, progress=False, trusted=names - {"model-00002-of-00007.safetensors"}, **MTP_NVFP4)
+
+
 def test_a_layer_that_needs_a_fill_is_written_at_the_end(along, tiny_chain, tmp_path):
     """An input amax that must be filled takes the largest of the whole model: its layer's shard
     waits for the end; the others go along; the result is step 03's, fills included."""

@@ -132,7 +132,7 @@ def test_ci_runs_the_readme_commands_in_the_readme_order():
 
 
 def test_ci_requires_modelopt_and_a_missing_one_fails(monkeypatch):
-    """Item 17: a broken modelopt install turned into skips (pytest.importorskip in 8 files; 10 use modelopt now). .ci/run sets
+    """Item 17: a broken modelopt install turned into skips (pytest.importorskip in 8 files; 11 use modelopt now). .ci/run sets
     QUANTBOOK_REQUIRE_MODELOPT=1, under which a module that cannot be imported fails the collection."""
     import requires
 
@@ -140,7 +140,7 @@ def test_ci_requires_modelopt_and_a_missing_one_fails(monkeypatch):
     assert "QUANTBOOK_REQUIRE_MODELOPT=1" in ci and "QUANTBOOK_REQUIRE_CHROMIUM=1" in ci
     others = [p for p in (REPO / "tests").glob("*.py") if p.name != Path(__file__).name]
     tests = [p for p in others if "importorskip(\"modelopt\")" in p.read_text()]
-    assert len(tests) == 10 and all("requires.importorskip(\"modelopt\")" in p.read_text() for p in tests)
+    assert len(tests) == 11 and all("requires.importorskip(\"modelopt\")" in p.read_text() for p in tests)
     assert not [p.name for p in others if "pytest.importorskip(\"modelopt\")" in p.read_text()]
     monkeypatch.delenv("QUANTBOOK_REQUIRE_MODELOPT", raising=False)
     with pytest.raises(pytest.skip.Exception):

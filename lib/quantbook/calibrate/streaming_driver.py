@@ -581,10 +581,11 @@ def finish_along(export: dict, run_dir: Path, rank0: dict, progress: bool) -> di
     from ..amax import SNAPSHOT
     from ..export.layout import write_serving_layout
 
+    along = rank0.get("along") or {"wait_s": 0.0, "shards": []}
     report = write_serving_layout(export["source"], run_dir / SNAPSHOT, export["dir"],
                                   cast_mxfp4_to_nvfp4=export["cast_mxfp4_to_nvfp4"], mtp_experts=export["mtp_experts"],
-                                  workers=export["workers"], device="cpu", progress=progress)
-    along = rank0.get("along") or {"wait_s": 0.0, "shards": []}
+                                  workers=export["workers"], device="cpu", progress=progress,
+                                  trusted=frozenset(s["shard"] for s in along["shards"]))
     return {"written": True, "layout": "v4-serving", "dir": str(export["dir"]), "along": True,
             "shards_written_along": len(along["shards"]), "shards_written_at_end": report["shards_written"],
             "shards": report["shards"], "bytes": report["bytes"], "along_wait_s": along["wait_s"],

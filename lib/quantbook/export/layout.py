@@ -605,12 +605,13 @@ def adopt_along(p: LayoutPlan) -> None:
 
 
 def run(p: LayoutPlan, workers: int = 2, device: str = "cpu", progress: bool = True, method: str | None = None,
-        threads: int | None = None, window: int | None = None) -> dict:
+        threads: int | None = None, window: int | None = None, trusted: frozenset[str] = frozenset()) -> dict:
     """Write every shard not already done and verified, then side files, index and configs; returns the report.
 
     `workers` shards at a time; inside each, `threads` compute threads ahead of the writer and
     `window` projections per task (export.writer.Settings); `method` re-quantizes with `table`
-    (CPU) or `modelopt` (batched, the default on CUDA)."""
+    (CPU) or `modelopt` (batched, the default on CUDA). `trusted`: shards the calling process wrote
+    along its pass just now (`resume.run_shards`: not read again)."""
     adopt_along(p)
     check_destination(p)
     reader = Checkpoint(p.src)
@@ -622,7 +623,7 @@ def run(p: LayoutPlan, workers: int = 2, device: str = "cpu", progress: bool = T
     fresh = {"kind": "quantbook.layout", "layout": LAYOUT, "source": str(p.src), "source_id": p.source_id,
              "options": p.options, "identity": p.identity, "amax": p.amax_info, "complete": False}
     manifest, skipped = run_shards(p.dst, MANIFEST, fresh, jobs, workers, device, "v4-serving", progress,
-                                   stale_finals=("config.json", HF_QUANT_CONFIG, INDEX_NAME))
+                                   stale_finals=("config.json", HF_QUANT_CONFIG, INDEX_NAME), trusted=trusted)
     dst, mtp = p.dst, p.options["mtp_experts"]
     for name in p.extra_files:
         atomic.write_bytes(dst / name, (p.src / name).read_bytes())
@@ -668,7 +669,7 @@ def write_serving_layout(source, amax, dst, cast_mxfp4_to_nvfp4: bool = True, mt
                          workers: int = 2, device: str = "cpu", progress: bool = True, **tuning) -> dict:
     """plan -> check -> run: the one call behind step 03's v4-serving export (and 02's, after calibration).
 
-    `tuning`: `method`, `threads`, `window` of `run` (same bytes whatever they are)."""
+    `tuning`: `method`, `threads`, `window`, `trusted` of `run` (same bytes whatever they are)."""
     p = plan(source, dst, amax, cast_mxfp4_to_nvfp4=cast_mxfp4_to_nvfp4, mtp_experts=mtp_experts)
     return run(p, workers=workers, device=device, progress=progress, **tuning)
 
