@@ -495,6 +495,7 @@ def test_chain_with_the_streaming_driver_passes_verify(tiny_chain, tmp_path):
     assert images02 >= 4  # the per-block timeline, the gate's per-block errors, the token-count heat map, memory
     out03, _ = text("03_recover_export.ipynb")
     assert "no calibrated state by design" in out03 and "verdict: pass" in out03
+    assert "gate measured in step 02's streaming pass (eval-02.json), judged here" in out03
     text("04_inspect_amax.ipynb")
 
 

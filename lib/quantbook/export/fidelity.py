@@ -29,6 +29,9 @@ agreement with the release's MTP is a proxy for draft acceptance.
 The gate (`GATE_DEFAULTS`, params `export.fidelity`) fails on the PPL ratio, the mean KLD, the
 same-top-token share, the MTP agreement, and on any block whose own error is far above the others'
 (`outlier_factor` x the median of the other blocks): one broken layer in 61 is named.
+
+The streaming pass runs the same `Evaluation.block` on each block it holds, the blocks handed over
+instead of read (`fidelity_along`): one read of the release for calibration, export and gate.
 """
 
 from __future__ import annotations
