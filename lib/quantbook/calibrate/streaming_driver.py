@@ -502,8 +502,10 @@ class _Process:
 
 def _print_block(block: str, t: dict) -> None:
     gpu = f", GPU peak {t['gpu_peak_bytes'] / GIB:.1f} GiB" if "gpu_peak_bytes" in t else ""
+    gate = f", gate {t['eval_s']:.2f} s" if "eval_s" in t else ""
     print(f"[quantbook] {block}: read {t['read_s']:.2f} s (waited {t['read_wait_s']:.2f}), dequant+build "
-          f"{t['dequant_s']:.2f} s, calibrate {t['calibrate_s']:.2f} s, total {t['total_s']:.2f} s{gpu}", flush=True)
+          f"{t['dequant_s']:.2f} s, calibrate {t['calibrate_s']:.2f} s{gate}, total {t['total_s']:.2f} s{gpu}",
+          flush=True)
 
 
 def _calibrate(cfg, path: str, layer, inputs: list, kwargs_of, quant_cfg: dict, keep: bool, device, rename,
