@@ -113,12 +113,17 @@ def test_a_fill_drops_the_gate_to_step03(passed, trained_chain, capsys):
     assert adoptable(result, e, "x", e["fidelity"]).startswith("step 02's pass dropped it")
 
 
-def test_a_pass_without_the_mtp_block_leaves_the_gate_to_step03(trained_chain, tmp_path):
-    """quantize.mtp: skip: the pass never holds mtp.0, which the gate needs: step 03 runs it."""
-    from quantbook.calibrate import quantize
+def test_a_pass_without_the_mtp_block_leaves_the_gate_to_step03(trained_chain, tmp_path, capsys):
+    """quantize.mtp: skip: the pass never holds mtp.0, which the gate needs: dropped at once, said, and
+    recorded as such for quantize.json (step 03 runs it)."""
+    import torch
 
-    e = export_of(trained_chain, tmp_path / "export", samples=2, seq=32)
-    rec = quantize(streaming_q(trained_chain, mtp="skip"), tmp_path / "run", progress=False, export=e)
-    assert rec["export"]["gate"] == {"in_pass": False, "why": rec["export"]["gate"]["why"]}
-    assert "mtp.0" in rec["export"]["gate"]["why"] and not (tmp_path / "run" / "eval-02.json").exists()
-    assert json.loads((tmp_path / "run" / "quantize.json").read_text())["export"]["gate"]["in_pass"] is False
+    from quantbook.export.fidelity_along import GateAlong, record
+    from quantbook.export.recover import export_settings
+
+    e = export_settings(export_of(trained_chain, tmp_path / "export", samples=2, seq=32))
+    gate = GateAlong(e, torch.device("cpu"), trained_chain["calib"], [f"layers.{i}" for i in range(4)])
+    assert gate.block("layers.0", {}, along=None) == {} and gate.rows == []
+    got = record(gate.result(), tmp_path)
+    assert got == {"in_pass": False, "why": got["why"]} and "mtp.0" in got["why"]
+    assert not (tmp_path / "eval-02.json").exists() and "not in this pass" in capsys.readouterr().out
