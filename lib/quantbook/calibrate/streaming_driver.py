@@ -397,7 +397,6 @@ class _Process:
         out = {"rank": self.rank, "device": str(self.device), "timeline": timeline}
         if gate is not None:
             out["gate"] = gate.result()
-            gate.ev.close()
         if along is not None:
             out["along"] = {"wait_s": round(along.wait(), 3), "shards": along.timeline}
             along.close()

@@ -47,7 +47,9 @@ class Along:
         self.config, self.options = rp.config, layout.layout_options(e["cast_mxfp4_to_nvfp4"], e["mtp_experts"])
         self.jobs, _ = layout.shard_jobs(self.reader, e["mtp_experts"])
         self.layers = {j.name: layout.shard_layers(j) for j in self.jobs}
-        self.waits = {j.name: set(self.layers[j.name]) | _read_by_the_pass(j, pass_blocks) for j in self.jobs}
+        self.names = {j.name: _release_names(j) for j in self.jobs}  # the release tensors each shard reads
+        self.waits = {j.name: set(self.layers[j.name]) | _read_by_the_pass(self.names[j.name], pass_blocks)
+                      for j in self.jobs}
         self.main = self.config["num_hidden_layers"]
         self.fresh = {"kind": "quantbook.layout", "layout": layout.LAYOUT, "source": str(self.src),
                       "source_id": rp.source_id, "options": self.options, "along": True, "complete": False}
@@ -96,18 +98,19 @@ class Along:
 
     def _submit_ready(self, raw: dict | None = None, lease=None) -> None:
         ready = [j for j in self.pending if self.waits[j.name] <= self.final]
+        in_memory = set(raw or ())
         for job in ready:
             table = self._rows(self.ea, job)
             self.pending.remove(job)
             if table is None:
                 continue
-            source = writer.FileSource(self.reader)
-            if raw is not None and _release_names(job) <= set(raw):
-                source = writer.BlockSource(self.reader, raw)
-                if lease is not None:
-                    lease.hold()
+            from_block = bool(in_memory) and self.names[job.name] <= in_memory
+            source = writer.BlockSource(self.reader, raw) if from_block else writer.FileSource(self.reader)
+            held = from_block and lease is not None
+            if held:
+                lease.hold()
             future = self._pool.submit(self._write, job, table, source)
-            if isinstance(source, writer.BlockSource) and lease is not None:
+            if held:
                 future.add_done_callback(lease.done)
             self._futures.append(future)
 
@@ -136,10 +139,10 @@ class Along:
         the writer's own code: the fidelity gate's candidate; None and why when they are not known
         yet: a shard that needs a fill, or one that holds more than this block)."""
         names = set(raw)
-        jobs = [j for j in self.jobs if any(_release_names(j) & names)]
+        jobs = [j for j in self.jobs if self.names[j.name] & names]
         out = {}
         for job in jobs:
-            if not _release_names(job) <= names:
+            if not self.names[job.name] <= names:
                 return None, f"shard {job.name} holds tensors of more than one block"
             if not set(self.layers[job.name]) <= self.final:
                 return None, f"shard {job.name}: the amax of {sorted(set(self.layers[job.name]) - self.final)} are not final"
@@ -183,11 +186,11 @@ class Along:
         self._pool.shutdown(wait=True)
 
 
-def _read_by_the_pass(job, pass_blocks) -> set[tuple[str, int]]:
-    """{(kind, index)} of the pass's block that holds every release tensor of `job`, or nothing."""
+def _read_by_the_pass(names: set[str], pass_blocks) -> set[tuple[str, int]]:
+    """{(kind, index)} of the pass's block that holds every one of these release tensors, or nothing."""
     from ..release.format import split_block
 
-    owners = {split_block(n)[:2] for n in _release_names(job)}
+    owners = {split_block(n)[:2] for n in names}
     if len(owners) != 1:
         return set()
     kind, index = owners.pop()

@@ -36,6 +36,7 @@ instead of read (`fidelity_along`): one read of the release for calibration, exp
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -188,27 +189,30 @@ class Head:
 class Side:
     """One of the two models: its checkpoint, block table, reader, embeddings, head and streams.
     `blocks_to_read` None: nothing is read, the blocks are handed to `Evaluation.block` (the
-    streaming pass); `top`: another side's top-level tensors, when they are the same bytes."""
+    streaming pass)."""
 
-    def __init__(self, path: str | Path, cfg, device, all_blocks: list[str], blocks_to_read: list[str] | None,
-                 top: "Side | None" = None):
+    def __init__(self, path: str | Path, cfg, device, all_blocks: list[str], blocks_to_read: list[str] | None):
         self.ck = Checkpoint(path)
         self.table = _by_block(self.ck)
         missing = [b for b in all_blocks if b not in self.table]
         if missing:
             raise FormatError(f"{path}: no tensors of block(s) {missing}")
-        if top is not None:
-            self.embed, self.head = top.embed, top.head
-        else:
-            got = self.ck.tensors(list(TOP_LEVEL))
-            absent = [n for n in TOP_LEVEL if n not in got]
-            if absent:
-                raise FormatError(f"{path}: top-level tensor(s) {absent} missing")
-            self.embed = got["embed.weight"].to(device)
-            self.head = Head(got, cfg, device)
+        got = self.ck.tensors(list(TOP_LEVEL))
+        absent = [n for n in TOP_LEVEL if n not in got]
+        if absent:
+            raise FormatError(f"{path}: top-level tensor(s) {absent} missing")
+        self.embed = got["embed.weight"].to(device)
+        self.head = Head(got, cfg, device)
         self.reader = None if blocks_to_read is None else \
             blocks.ReadAhead(self.ck, self.table, device.type == "cuda", blocks_to_read or all_blocks[-1:])
         self.streams: list = []
+
+    def twin(self) -> "Side":
+        """Another model with this one's checkpoint, table and top-level tensors (the same bytes), its own
+        streams, reading nothing."""
+        other = copy.copy(self)
+        other.reader, other.streams = None, []
+        return other
 
 
 # ----------------------------------------------------------------------------- one block, both models
@@ -311,7 +315,7 @@ class Evaluation:
         todo = [b for b in self.blocks if b not in set(skip)]  # a resumed gate reads only what is left
         self.ref = Side(source, self.cfg, self.device, self.blocks, None if fed else todo)
         if fed:
-            self.cand = Side(source, self.cfg, self.device, self.blocks, None, top=self.ref)
+            self.cand = self.ref.twin()
             self.mtp_form = fed_mtp_form if mtp.MTP_BLOCK in self.blocks else None
         else:
             self.cand = Side(export, self.cfg, self.device, self.blocks, todo)
