@@ -9,10 +9,12 @@ gives the same bytes as an uninterrupted one.
 
 Memory bound: each worker holds one chunk of at most `chunk_elems` logical elements (rows of
 one tensor) plus a 16 MiB copy buffer: peak RSS above the interpreter stays under
-workers x (BYTES_PER_CHUNK_ELEM x chunk_elems + 48 MiB), whatever the tensor and shard sizes.
-Arithmetically a chunk needs ~10 B per element (input, fp32 values, bf16 output, NaN mask);
-64 B covers what the allocator keeps (measured 45 B and 25-35 MiB per worker on CPU,
-tests/test_convert.py::test_memory_stays_bounded). Default: 4 Mi elements -> <= 304 MiB a worker.
+32 MiB + workers x (BYTES_PER_CHUNK_ELEM x chunk_elems + 48 MiB), whatever the tensor and shard
+sizes. The 32 MiB are paid once per process: torch's kernels paged in at their first use (about
+23 MiB measured). Arithmetically a chunk needs ~10 B per element (input, fp32 values, bf16
+output, NaN mask); 64 B covers what the allocator keeps (measured 45 B and ~35 MiB per worker on
+CPU, tests/test_convert.py::test_memory_stays_bounded). Default: 4 Mi elements -> <= 304 MiB a
+worker.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ MANIFEST = "quantbook-dequant.json"
 DEFAULT_CHUNK_ELEMS = 4 * 1024 * 1024
 BYTES_PER_CHUNK_ELEM = 64
 WORKER_OVERHEAD = 48 * 2**20
+PROCESS_OVERHEAD = 32 * 2**20
 SCALE_DTYPES = ("F8_E8M0", "F32")
 
 
@@ -370,7 +373,7 @@ def plan_summary(p: Plan, workers: int, chunk_elems: int = DEFAULT_CHUNK_ELEMS) 
 
 def memory_bound(workers: int, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> int:
     """Bytes of RSS the conversion may add above the interpreter (see the module docstring)."""
-    return workers * (BYTES_PER_CHUNK_ELEM * chunk_elems + WORKER_OVERHEAD)
+    return PROCESS_OVERHEAD + workers * (BYTES_PER_CHUNK_ELEM * chunk_elems + WORKER_OVERHEAD)
 
 
 def verify_sample(p: Plan, n: int = 8, seed: int = 0) -> list[dict]:
