@@ -17,7 +17,9 @@ text is fine for timing: only the routing pattern depends on it). Then, in one r
                same inputs, timed just before its calibration: the ratio calibrate / plain forward
   along        (`--along`) the first method's run writes the v4-serving export along the pass from its
                read buffer, and with `--gate S,T,B` runs the fidelity gate in the pass on S x T held-out
-               tokens: its wall time against max(raw read, raw write) of the release and export
+               tokens: its wall time against max(raw read, raw write) of the release and export;
+               with `--verify`, `quantbook verify` of that export against the release, page cache
+               dropped, taking the numbers the pass computed on the bytes it wrote, then `--reread`
   gpus 2       the same with two processes when two GPUs are visible, amax compared with gpus 1
   side by side (`--side-experts N`, 0 to skip) a second release with N experts per layer (the
                BF16 copy of a Pro layer is 51 GiB: a few do not fit a 64 GiB disk): step 01's BF16
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import random
@@ -157,7 +160,7 @@ def run_streaming(src: Path, calib: Path, a, out: Path, name: str, gpus: int = 1
             write_text(calib.with_name(f"{calib.stem}-heldout.jsonl"), samples, seq, seed=1)
             gate = {"samples": samples, "seq": seq, "batch_size": batch, "gate": False, "device": a.device}
         export = {"layout": "v4-serving", "source": str(src), "dir": str(along), "workers": min(16, os.cpu_count() or 1),
-                  "fidelity": gate}
+                  "fidelity": gate, "verify_sample": a.verify_sample}
     t = time.perf_counter()
     rec = quantize(quantize_section("streaming", src, calib, a, out / "unused", gpus, experts_calibration),
                    out / name, progress=True, export=export)
@@ -169,6 +172,49 @@ def run_streaming(src: Path, calib: Path, a, out: Path, name: str, gpus: int = 1
         r["export_bytes"] = sum(p.stat().st_size for p in shards(along))
         r["gate_s"] = round(sum(t.get("eval_s", 0.0) for t in rec["timeline"]), 2)
     return r
+
+
+def time_verify(export: Path, src: Path, a, res_along: dict) -> dict:
+    """`quantbook verify` of the export the pass wrote, against the release, page cache dropped before
+    each: taking the pass's numbers (its default) and reading every checked tensor again (--reread),
+    with the machine's cores; the verdicts and numbers must agree. Also what computing those numbers
+    cost the pass (`res_along`: its export record): tensors, compute threads' seconds."""
+    from quantbook.export.verify import verify
+
+    out, numbers = {}, {}
+    workers = min(16, os.cpu_count() or 1)
+    for how, reread in (("with the pass's record", False), ("reread", True)):
+        drop_cache(shards(export) + shards(src))
+        t = time.perf_counter()
+        r = verify(export, source=src, sample=a.verify_sample, workers=workers, progress=False, reread=reread)
+        out[how] = {"seconds": round(time.perf_counter() - t, 2), "verdict": r["verdict"],
+                    "tensors": r["numbers"].get("tensors"), "from_record": r["numbers"].get("from_record"),
+                    "checks": {c["id"]: c["status"] for c in r["checks"]}}
+        numbers[how] = r["numbers_per_tensor"]
+    out["same_numbers"] = numbers["with the pass's record"] == numbers["reread"]
+    out["workers"] = workers
+    # with the record, verify reads the pass-through tensors of both checkpoints (check 5's byte
+    # comparison) and headers: its rate on those bytes against the disk's, and V4 Pro's at that ratio
+    from quantbook.release.format import expected_tensors, expert_name, load_config, named_config
+    from quantbook.release.shards import DTYPE_SIZE, Checkpoint
+
+    ck = Checkpoint(export)
+    through = sum(ck.entry(n).nbytes for n in ck.weight_map if (x := expert_name(n)) is None or x.mtp)
+    drop_cache(shards(export) + shards(src))
+    raw = raw_read(shards(export))
+    rate = 2 * through / out["with the pass's record"]["seconds"] / 1e9
+    pro = load_config(named_config("pro"))
+    pro_through = sum(math.prod(t.shape) * DTYPE_SIZE[t.dtype] for n, t in expected_tensors(pro).items()
+                      if (x := expert_name(n)) is None or x.mtp)
+    out["record_mode"] = {"passthrough_GB_both": round(2 * through / 1e9, 3), "GB_per_s": round(rate, 3),
+                          "raw_read_GB_per_s": raw["gb_per_s"], "x_raw": round(rate / raw["gb_per_s"], 3),
+                          "v4_pro_passthrough_GB_both": round(2 * pro_through / 1e9, 1),
+                          "v4_pro_s_at_disk_1.71_GB_per_s": round(2 * pro_through / 1e9 / (1.71 * min(1.0, rate / raw["gb_per_s"])), 1)}
+    shards_along = res_along.get("along_shards", [])
+    out["in_pass"] = {"tensors": sum(s.get("checked", 0) for s in shards_along),
+                      "thread_s": round(sum(s.get("check_s", 0.0) for s in shards_along), 2),
+                      "shard_write_s": round(sum(s["write_s"] for s in shards_along), 2)}
+    return out
 
 
 def raw_write(d: Path, nbytes: int = 4 << 30) -> dict:
@@ -377,6 +423,10 @@ def main() -> None:
                     help="the first method's run writes the v4-serving export along the pass (from its read buffer)")
     ap.add_argument("--gate", default=None, metavar="SAMPLES,SEQ,BATCH",
                     help="with --along: the fidelity gate in the pass on that many held-out tokens (e.g. 64,512,8)")
+    ap.add_argument("--verify", action="store_true",
+                    help="with --along: time quantbook verify of the export, with the pass's numbers and --reread")
+    ap.add_argument("--verify-sample", type=int, default=None,
+                    help="export.verify_sample: expert tensors the pass and verify check (default all)")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(a.out)
@@ -446,6 +496,9 @@ def main() -> None:
                                             "x_max_read_write_without_gate": round((calib_s - gate_s) /
                                                                                    max(read_s, write_s), 2)}
                     print("along vs disk:", json.dumps(res["along_vs_disk"]))
+                    if a.verify:
+                        res["verify"] = time_verify(along, src, a, res[key]["along"])
+                        print("verify:", json.dumps(res["verify"]))
                     shutil.rmtree(along)
                 if m != methods[0]:
                     res[f"blocks_{m}"] = block_rows(res[key], res["raw_read"]["gb_per_s"])

@@ -28,6 +28,8 @@ def manifest(d: Path) -> dict:
     m = json.loads((d / MANIFEST).read_text())
     for k in ("export", "shards_written", "shards_skipped"):
         m["report"].pop(k)
+    for rec in m["shards"].values():
+        rec.pop("numbers", None)  # what the pass checked in memory (test_verify_takes_the_pass_s_numbers)
     return m
 
 
@@ -84,6 +86,50 @@ def test_step03_after_the_pass_writes_nothing_and_verifies(along, tiny_chain):
     assert r["shards_written"] == 0 and r["shards_skipped"] == 7
     assert files(base / "export") == before
     assert verify(base / "export", source=tiny_chain["src"], progress=False)["verdict"] == "pass"
+
+
+def test_verify_takes_the_pass_s_numbers(along, tiny_chain, tmp_path, monkeypatch):
+    """The pass computes check 7's numbers on the bytes it writes, in memory: verify takes them instead
+    of reading those expert tensors again. They equal verify's own from the files, number for number;
+    a wrong recorded row fails the export; a shard whose size is not the recorded one gives none."""
+    import shutil
+
+    from quantbook.export import verify as v
+    from quantbook.export.layout import MANIFEST
+
+    shutil.copytree(along["base"] / "export", tmp_path / "export")
+    d, src = tmp_path / "export", tiny_chain["src"]
+    m = json.loads((d / MANIFEST).read_text())
+    recorded = {n: r for rec in m["shards"].values() for n, r in rec.get("numbers", {}).items()}
+    reread = v.verify(d, source=src, progress=False, reread=True)
+    assert reread["verdict"] == "pass" and reread["numbers"]["from_record"] == 0
+    assert recorded == reread["numbers_per_tensor"] and len(recorded) == 4 * 8 * 3 + 8 * 3  # 4 layers + MTP (nvfp4)
+
+    def no_reading(*a, **k):
+        raise AssertionError("an expert tensor read again")
+
+    monkeypatch.setattr(v, "release_error", no_reading)
+    taken = v.verify(d, source=src, progress=False)
+    assert taken["verdict"] == "pass" and taken["numbers"]["from_record"] == len(recorded)
+    assert taken["numbers_per_tensor"] == reread["numbers_per_tensor"]
+    assert {k: x for k, x in taken["numbers"].items() if k != "from_record"} == \
+        {k: x for k, x in reread["numbers"].items() if k != "from_record"}
+    assert "computed by step 02's pass" in taken["summary"]
+    monkeypatch.undo()
+    from quantbook.cli import main
+
+    assert main(["verify", str(d), "--source", str(src), "--reread", "--run-dir", str(tmp_path / "v")]) == 0
+    assert json.loads((tmp_path / "v" / "verify.json").read_text())["numbers"]["from_record"] == 0
+
+    name = sorted(recorded)[5]
+    shard = next(s for s, rec in m["shards"].items() if name in rec.get("numbers", {}))
+    m["shards"][shard]["numbers"][name]["blocks_over"] = 1
+    (d / MANIFEST).write_text(json.dumps(m))
+    bad = v.verify(d, source=src, progress=False)
+    assert bad["verdict"] == "fail" and name in bad["reasons"][0]
+    with open(d / shard, "ab") as f:  # not the bytes the numbers were computed on: the shard's are read again
+        f.write(b"x")
+    assert v.recorded_numbers(v.Checkpoint(d)).keys() == recorded.keys() - m["shards"][shard]["numbers"].keys()
 
 
 def test_the_end_of_the_pass_reads_no_shard_again(along, tiny_chain, tmp_path, monkeypatch):

@@ -125,7 +125,8 @@ def cmd_lab(a) -> int:
 def cmd_verify(a) -> int:
     from .export.verify import exit_code, format_table, verify, write_result
 
-    result = verify(a.export, source=a.source, reference=a.reference, sample=a.sample, workers=a.workers)
+    result = verify(a.export, source=a.source, reference=a.reference, sample=a.sample, workers=a.workers,
+                    reread=a.reread)
     run_dir = Path(a.run_dir) if a.run_dir else Path("runs") / f"verify-{Path(a.export).resolve().name}"
     paths = write_result(result, run_dir)
     print(format_table(result))
@@ -318,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="where verify.json/verify.md go (default runs/verify-<export>)")
     p.add_argument("--sample", type=int, default=None, help="numeric check on N expert tensors only (default all)")
     p.add_argument("--workers", type=int, default=2, help="threads for the numeric check (default %(default)s)")
+    p.add_argument("--reread", action="store_true", help="read every checked expert tensor again, also those whose "
+                   "numbers step 02's pass computed on the bytes it wrote (recorded in the export's manifest)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("eval", help="the fidelity gate: the export as the engine computes it against the release, "

@@ -230,18 +230,20 @@ def timeline_table(rec: dict) -> pd.DataFrame:
 
 def along_table(rec: dict) -> pd.DataFrame | None:
     """The export written along the pass (driver streaming, `export_along`): per shard the layers whose
-    amax it waited for, its size, its write seconds (in the background, beside calibration) and what it
-    was written from (the pass's read buffer, or the release's files), then what was left for the end;
-    None when the run wrote none."""
+    amax it waited for, its size, its write seconds (in the background, beside calibration), what it
+    was written from (the pass's read buffer, or the release's files) and the expert tensors whose
+    verify numbers it computed on the bytes written (with the threads' seconds), then what was left
+    for the end; None when the run wrote none."""
     e = rec.get("export") or {}
     if not e.get("along"):
         return None
     rows = [{"shard": s["shard"], "layers": ", ".join(s["layers"]) or "(no routed experts: at the start)",
-             "GiB": round(s["bytes"] / 2**30, 3), "write s": s["write_s"], "from": s.get("from")}
+             "GiB": round(s["bytes"] / 2**30, 3), "write s": s["write_s"], "from": s.get("from"),
+             "verify numbers": f"{s['checked']} ({s['check_s']:.1f} s)" if s.get("checked") else ""}
             for s in e["along_shards"]]
     rows.append({"shard": f"at the end ({e['along_wait_s']:.2f} s waited for the pass's last shards)",
                  "layers": f"{e['shards_written_at_end']} shard(s) written, index and configs", "GiB": None,
-                 "write s": None, "from": "the release's files"})
+                 "write s": None, "from": "the release's files", "verify numbers": ""})
     return pd.DataFrame(rows).set_index("shard")
 
 

@@ -12,7 +12,9 @@ until written (the release is read once):
                     killed pass recorded and still verifies is kept
     each block      its amax (reduced over processes) are final: every shard whose layers are all
                     final and need no fill is written (`.partial`, fsync, rename, then recorded in
-                    `quantbook-layout.json` with the digest of the amax rows it used)
+                    `quantbook-layout.json` with the digest of the amax rows it used, and verify's
+                    check 7 numbers of the expert tensors it checks, computed on the bytes written
+                    while they are in memory: verify takes them instead of reading the export again)
     the end         `layout.write_serving_layout` with the run's `amax.safetensors`, the call step 03
                     makes: it adopts each recorded shard whose amax rows are its own (layout.adopt_along),
                     writes what is left (a shard that needed a fill, one a kill cut short), then the
@@ -51,6 +53,7 @@ class Along:
         self.waits = {j.name: set(self.layers[j.name]) | _read_by_the_pass(self.names[j.name], pass_blocks)
                       for j in self.jobs}
         self.main = self.config["num_hidden_layers"]
+        self.check = _checked(self.config, e)
         self.fresh = {"kind": "quantbook.layout", "layout": layout.LAYOUT, "source": str(self.src),
                       "source_id": rp.source_id, "options": self.options, "along": True, "complete": False}
         self.manifest = self._open()
@@ -129,10 +132,11 @@ class Along:
             table[i if block == "layers" else self.main + i] = rows
         return table
 
-    def _settings(self, table) -> writer.Settings:
+    def _settings(self, table, check: bool = True) -> writer.Settings:
+        """`check`: compute verify's numbers of `self.check`'s projections on the bytes (for a shard written)."""
         resolved = layout.Resolved(table, [], {}, self.main)
         carried = lambda prefix: self.options["cast_mxfp4_to_nvfp4"] or layout.expert_name(prefix).mtp  # noqa: E731
-        return writer.Settings(carried, resolved.amax, "cpu")
+        return writer.Settings(carried, resolved.amax, "cpu", check=self.check if check else frozenset())
 
     def block_tensors(self, raw: dict) -> tuple[dict | None, str | None]:
         """(the export's tensors of the block whose release tensors `raw` holds, computed in memory by
@@ -151,7 +155,7 @@ class Along:
                 return None, (f"shard {job.name}: an expert input amax of {self.layers[job.name]} must be filled with "
                               "the whole model's largest, known only at the end")
             out.update(writer.shard_tensors(job.entries, job.ops, writer.BlockSource(self.reader, raw),
-                                            self._settings(table)))
+                                            self._settings(table, check=False)))
         return out, None
 
     def _write(self, job, table, source) -> None:
@@ -162,10 +166,12 @@ class Along:
         s = self._settings(table)
         t0 = time.perf_counter()
         rec = writer.write_shard(self.dst / job.name, job.entries, job.ops, source, s)
+        check_s = rec.pop("numbers_s", 0.0)
         with self._lock:
             self.manifest["shards"][job.name] = {**rec, "amax_rows": digest}
             atomic.write_json(self.dst / layout.MANIFEST, self.manifest)
             self.timeline.append({"shard": job.name, "bytes": rec["size"], "write_s": round(time.perf_counter() - t0, 3),
+                                  "checked": len(rec.get("numbers", ())), "check_s": check_s,
                                   "layers": [f"{b}.{i}" for b, i in self.layers[job.name]],
                                   "from": "the pass's read buffer" if isinstance(source, writer.BlockSource)
                                   else "the release's files"})
@@ -184,6 +190,15 @@ class Along:
         for f in self._futures:
             f.cancel()
         self._pool.shutdown(wait=True)
+
+
+def _checked(config: dict, e: dict) -> frozenset[str]:
+    """The projections verify's check 7 computes for these export settings (`export.verify_sample`):
+    the pass computes their numbers on the bytes it writes, so verify does not read them again."""
+    from .verify import converted_prefixes, sampled
+
+    form = "nvfp4" if e["mtp_experts"] == "nvfp4" else "released"
+    return frozenset(sampled(converted_prefixes(config, form), e.get("verify_sample")))
 
 
 def _read_by_the_pass(names: set[str], pass_blocks) -> set[tuple[str, int]]:

@@ -277,6 +277,20 @@ def _block_numbers(unit, a, err, ws2: float):
     return ratio.max(), (ratio > 1).sum(), (err == 0).sum(), bad_scale, err.max()
 
 
+def release_numbers(codes, scale, ws2, rcodes, rscale) -> dict:
+    """`nvfp4_error_reference`'s numbers of NVFP4 (codes, scale, ws2) against the release's MXFP4
+    (rcodes, rscale) decoded exactly: fast where the inputs are the expected ones, else the reference
+    route (which raises or answers as it always did). Verify's check 7 on bytes read from the shards,
+    and step 02's pass on the bytes it writes, in memory."""
+    if fast_ok(codes, scale, ws2) and release_ok(rcodes, rscale) \
+            and tuple(_u8(codes).shape) == tuple(_u8(rcodes).shape):
+        return nvfp4_error_fast(codes, scale, ws2, release=(rcodes, rscale))  # the caller's release_scratch()
+    from ..release.dequant import dequant_fp4
+
+    plain = dequant_fp4(rcodes.view(torch.uint8), rscale.view(torch.uint8))
+    return nvfp4_error_reference(codes, scale, ws2, plain)
+
+
 def nvfp4_error_fast(codes, scale, ws2, ref: torch.Tensor | None = None, release=None) -> dict:
     """`nvfp4_error_reference`'s numbers, fast; the reference values either as a tensor (`ref`, any
     floating dtype, [out, in]) or as the release's MXFP4 `release=(codes, e8m0 scale)`. For inputs

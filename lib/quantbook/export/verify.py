@@ -34,6 +34,12 @@ must be built the form they are stored in; MXFP4 MTP experts under `moe_quant_al
 a warning ("MTP drafts will be wrong on vLLM"): SGLang drafts correctly with them. Every expert
 projection missing any of its four tensors is named (engines load those without an error).
 
+An export step 02's streaming pass wrote (`quantize.export_along`) carries, in its manifest, the
+numbers of check 7 the pass computed with this module's code on the bytes it wrote, while they and
+the release's were in memory (export.writer): check 7 takes them for shards whose size is the
+recorded one instead of reading those tensors again (`--reread` reads them); the pass-through
+tensors are still compared byte for byte with the release, the headers still parsed.
+
 Results go into the run directory atomically: `verify.json` (everything) and `verify.md`.
 """
 
@@ -55,7 +61,6 @@ from ..release.format import PROJS, expected_tensors, expert_name, expert_prefix
 from ..release.shards import DTYPE_SIZE, INDEX_NAME, Checkpoint, read_into, read_range
 from .engine import decode_nvfp4 as dequant_nvfp4  # its old name here (tests and callers use it)
 from .engines import MTP_SERVING, vllm_expert_form
-from ..release.dequant import dequant_fp4
 from . import numeric
 from .layout import GROUP, HF_QUANT_CONFIG, LAYOUT, MANIFEST, mtp_layers, quantized_layers
 
@@ -140,9 +145,11 @@ def release_error(ck: Checkpoint, src: Checkpoint, name: str, native: str) -> di
         except (OSError, FormatError):  # unreadable: the straightforward route says how, in its order
             pass
     r = src.tensor(f"{native}.weight"), src.tensor(f"{native}.scale")
-    plain = dequant_fp4(r[0].view(torch.uint8), r[1].view(torch.uint8))  # release_expert_bf16
-    return nvfp4_error(ck.tensor(f"{name}.weight"), ck.tensor(f"{name}.weight_scale"),
-                       ck.tensor(f"{name}.weight_scale_2"), plain)
+    try:
+        return numeric.release_numbers(*(ck.tensor(f"{name}.{k}") for k in ("weight", "weight_scale", "weight_scale_2")),
+                                       *r)
+    finally:
+        numeric.release_scratch()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -471,13 +478,40 @@ def carried_tensors(ck: Checkpoint) -> dict[str, int] | None:
     return out
 
 
+def sampled(names: list[str], sample: int | None) -> list[str]:
+    """The `sample` of `names` check 7 computes (all when None): spread evenly over the list, so over
+    the layers. Step 02's pass computes the same ones on the bytes it writes."""
+    if sample and sample < len(names):
+        step = len(names) / sample
+        return [names[int(k * step)] for k in range(sample)]
+    return list(names)
+
+
+def recorded_numbers(ck: Checkpoint) -> dict[str, dict]:
+    """{projection: check 7's numbers} that step 02's pass computed on the bytes it wrote, in memory
+    (export.writer), from the export's manifest: only from shards whose file has the size recorded
+    with them, in a manifest that says the export is complete."""
+    m = atomic.read_json(ck.dir / MANIFEST)
+    if not m or not m.get("complete"):
+        return {}
+    out = {}
+    for shard, rec in (m.get("shards") or {}).items():
+        p = ck.dir / shard
+        if rec.get("numbers") and p.is_file() and p.stat().st_size == rec.get("size"):
+            out.update(rec["numbers"])
+    return out
+
+
 def check_numbers(ck: Checkpoint, cfg: dict, ref: Checkpoint | None, src: Checkpoint | None,
                   names: list[str] | None = None, sample: int | None = None, workers: int = 2,
-                  progress: bool = True, form: str | None = None) -> tuple[Check, dict]:
+                  progress: bool = True, form: str | None = None,
+                  recorded: dict[str, dict] | None = None) -> tuple[Check, dict]:
     """Check 7: every NVFP4 expert weight decoded by this module against the release's own values
     (its MXFP4 decoded exactly; the BF16 reference, equal to them, when only that is given):
     carried blocks exactly, re-quantized ones within the bound. A tensor the manifest says was
-    carried must equal the release in every block but its lossy ones."""
+    carried must equal the release in every block but its lossy ones. `recorded`: numbers step 02's
+    pass computed by the same code on the bytes it wrote (`recorded_numbers`), taken instead of
+    reading those tensors again (compared with the release only)."""
     c = Check("7", "numbers: NVFP4 expert weights (e2m1 x weight_scale x weight_scale_2) vs the release's own values: "
                    "carried blocks exact, re-quantized blocks within the NVFP4 rounding bound")
     if names is None:
@@ -486,10 +520,11 @@ def check_numbers(ck: Checkpoint, cfg: dict, ref: Checkpoint | None, src: Checkp
         c.status, c.detail = SKIP, "no --source or --reference to compare with"
         return c, {}
     total = len(names)
-    if sample and sample < len(names):
-        step = len(names) / sample
-        names = [names[int(k * step)] for k in range(sample)]
+    order = sampled(names, sample)
     against = "release" if src is not None else "BF16 reference"
+    recorded = (recorded or {}) if src is not None else {}
+    from_record = {n: dict(recorded[n]) for n in order if n in recorded}
+    names = [n for n in order if n not in from_record]
 
     def one(name: str):
         native = name[len("model."):] if name.startswith("model.") else name
@@ -518,6 +553,7 @@ def check_numbers(ck: Checkpoint, cfg: dict, ref: Checkpoint | None, src: Checkp
             rows = dict(tqdm(pool.map(one, names), total=len(names), desc="verify numbers", disable=not progress))
     finally:
         torch.set_num_threads(threads)
+    rows = {n: from_record[n] if n in from_record else rows[n] for n in order}
     carried = carried_tensors(ck) or {}
     for name, r in rows.items():
         if "error" in r:
@@ -531,7 +567,8 @@ def check_numbers(ck: Checkpoint, cfg: dict, ref: Checkpoint | None, src: Checkp
             c.fail(f"{name}: carried from the release with {lossy} lossy 32-blocks, but "
                    f"{r['blocks'] - r['blocks_exact']} of its {r['blocks']} 16-blocks differ from the {against}")
     ok = [r for r in rows.values() if "error" not in r]
-    summary = {"tensors": len(rows), "of": total, "sampled": len(rows) < total, "against": against}
+    summary = {"tensors": len(rows), "of": total, "sampled": len(rows) < total, "against": against,
+               "from_record": len(from_record)}
     if ok:
         worst = max(((n, r) for n, r in rows.items() if "error" not in r), key=lambda kv: kv[1]["max_ratio"])
         summary.update(max_ratio=max(r["max_ratio"] for r in ok), rel_rmse_mean=sum(r["rel_rmse"] for r in ok) / len(ok),
@@ -543,7 +580,9 @@ def check_numbers(ck: Checkpoint, cfg: dict, ref: Checkpoint | None, src: Checkp
         c.close(f"{len(ok):,} tensors{of} ({summary['carried_tensors']:,} carried) vs the {against}: "
                 f"{summary['blocks_exact']:,} of {summary['blocks']:,} 16-blocks equal to it exactly, the other "
                 f"{rest:,} within NVFP4's bound (worst {summary['max_ratio']:.3f} of it, {worst[0]}); relative RMS "
-                f"error mean {summary['rel_rmse_mean']:.4f}, max {summary['rel_rmse_max']:.4f}")
+                f"error mean {summary['rel_rmse_mean']:.4f}, max {summary['rel_rmse_max']:.4f}"
+                + (f"; {len(from_record):,} of the tensors computed by step 02's pass on the bytes it wrote, in "
+                   "memory (their shards' sizes as recorded; not read again)" if from_record else ""))
     else:
         c.close("")
     summary["per_tensor"] = rows
@@ -578,8 +617,11 @@ def check_engines(ck: Checkpoint, cfg: dict, form: str | None) -> Check:
 
 
 def verify(export: str | Path, source: str | Path | None = None, reference: str | Path | None = None,
-           sample: int | None = None, workers: int = 2, progress: bool = True) -> dict:
-    """Check an export and return the verdict: `pass`, `fail` or `research-only` (generic export)."""
+           sample: int | None = None, workers: int = 2, progress: bool = True, reread: bool = False) -> dict:
+    """Check an export and return the verdict: `pass`, `fail` or `research-only` (generic export).
+
+    Check 7 takes the numbers step 02's pass computed on the bytes it wrote (`recorded_numbers`)
+    instead of reading those expert tensors again, unless `reread`."""
     t0 = time.time()
     export = Path(export)
     ck = Checkpoint(export)
@@ -608,7 +650,8 @@ def verify(export: str | Path, source: str | Path | None = None, reference: str 
         experts, missing = check_experts(ck, cfg, form)
         checks = [check_config(cfg, src_cfg), check_quant_config(ck, cfg, form), check_names(ck), experts,
                   check_passthrough(ck, src_cfg or cfg, src, form), check_index(ck)]
-        num, numbers = check_numbers(ck, cfg, ref, src, sample=sample, workers=workers, progress=progress, form=form)
+        num, numbers = check_numbers(ck, cfg, ref, src, sample=sample, workers=workers, progress=progress, form=form,
+                                     recorded=None if reread else recorded_numbers(ck))
         checks += [num, check_manifest(ck), check_engines(ck, cfg, form)]
         failed = [c for c in checks if c.status == FAIL]
         skipped = [c.id for c in checks if c.status == SKIP]
@@ -623,9 +666,11 @@ def verify(export: str | Path, source: str | Path | None = None, reference: str 
             summary += f"; warning in check(s) {', '.join(warned)}"
         if skipped and failed:
             summary += f"; check(s) {', '.join(skipped)} did not run (pass --source, the release, to run them all)"
-        sampled = numbers.get("sampled")
-        if sampled:
+        if numbers.get("sampled"):
             summary += f"; numbers on a sample of {numbers['tensors']:,} of {numbers['of']:,} expert tensors"
+        if numbers.get("from_record"):
+            summary += (f"; {numbers['from_record']:,} expert tensors' numbers computed by step 02's pass on the "
+                        "bytes it wrote (--reread reads them again)")
         result.update(layout=LAYOUT, verdict=verdict, reasons=[f"check {c.id}: {c.detail}" for c in failed],
                       summary=summary, missing_expert_tensors=missing,
                       mtp_experts={"stored": form, **MTP_SERVING.get(form or "", {})})

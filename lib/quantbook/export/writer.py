@@ -8,11 +8,15 @@ modelopt's calls batched on the GPU). Projections are computed by a small thread
 windows ahead of the writer, which takes them strictly in shard order; torch, numpy, file I/O
 and xxhash release the GIL. The shard goes to `<name>.partial`, is hashed as it is written,
 fsynced and renamed (`ShardWriter`), so `release.resume` records, verifies and resumes it.
+Projections named in `Settings.check` also get `quantbook verify`'s check 7 numbers, computed on
+the bytes written while they are in memory (step 02's pass: verify then need not read them again).
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -22,7 +26,7 @@ import torch
 from ..errors import FormatError, LayoutError
 from ..release.format import FP4_GROUP, expert_name, expert_prefix
 from ..release.shards import DTYPE_SIZE, HASH, Checkpoint, ShardWriter
-from . import nvfp4
+from . import numeric, nvfp4
 
 
 def read_into(path, start: int, out: np.ndarray) -> np.ndarray:
@@ -76,6 +80,7 @@ class Settings:
     threads: int | None = None  # compute threads ahead of the writer (default 1 carrying, else 2)
     window: int | None = None  # projections per compute task (the batch of the modelopt method)
     scalars: Scalars = field(default_factory=Scalars)
+    check: frozenset = frozenset()  # projections whose numbers (verify's check 7) are taken from the bytes written
 
     def resolved(self, any_requant: bool) -> "Settings":
         method = self.method or nvfp4.default_method(self.device)
@@ -84,7 +89,8 @@ class Settings:
         threads = self.threads if self.threads is not None else (2 if any_requant else 1)
         window = self.window or (8 if method == "table" or not any_requant else
                                  32 if str(self.device).startswith("cuda") else 4)
-        return Settings(self.carry, self.amax, self.device, method, max(1, threads), max(1, window), self.scalars)
+        return Settings(self.carry, self.amax, self.device, method, max(1, threads), max(1, window), self.scalars,
+                        self.check)
 
 
 class FileSource:
@@ -210,7 +216,27 @@ class _Experts:
             done.update(self.requant_batch(rest))
         else:
             done.update({p: self.requant_table(p) for p in rest})
+        for p in set(prefixes) & self.s.check:
+            t0 = time.perf_counter()
+            numbers = self.numbers(p, done[p][0])
+            if numbers is not None:
+                done[p][1].update(numbers=numbers, numbers_s=time.perf_counter() - t0)
         return done
+
+    def numbers(self, prefix: str, segments: list) -> dict | None:
+        """Verify's check 7 on this projection's bytes as they are written (codes, weight_scale,
+        weight_scale_2) against the release's MXFP4 in memory: the numbers `quantbook verify` computes
+        from the files, bit for bit. None when the codes go file to file (not in memory: verify reads them)."""
+        first, (_, tail) = segments
+        if first[0] != "bytes":
+            return None
+        rcodes, rscale = (torch.from_numpy(self.source.read(f"{prefix}.{k}")) for k in ("weight", "scale"))
+        codes = torch.from_numpy(np.ascontiguousarray(first[1]).reshape(-1).view(np.uint8)).view(rcodes.shape)
+        nb = codes.numel() // (nvfp4.GROUP // 2)
+        t = np.frombuffer(tail, np.uint8)
+        scale = torch.from_numpy(t[:nb].copy()).view(codes.shape[0], -1)
+        ws2 = torch.from_numpy(t[nb:nb + 4].copy()).view(torch.float32)
+        return numeric.release_numbers(codes, scale, ws2, rcodes, rscale)
 
 
 class _Ahead:
@@ -244,8 +270,13 @@ class _Tally:
         self.lossy: dict[str, int] = {}
         self.own: dict = {}
         self.mismatch: list[dict] = []
+        self.numbers: dict[str, dict] = {}
+        self.numbers_s = 0.0
 
     def add(self, prefix: str, stats: dict) -> None:
+        if "numbers" in stats:
+            self.numbers[prefix] = stats["numbers"]
+            self.numbers_s += stats["numbers_s"]
         if "blocks" in stats:
             self.blocks += stats["blocks"]
             self.lossless += stats["blocks"] - stats["lossy"]
@@ -270,6 +301,8 @@ class _Tally:
             rec["cast_blocks"], rec["cast_lossless"] = self.blocks, self.lossless
             if self.lossy:
                 rec["cast_lossy"] = dict(sorted(self.lossy.items()))
+        if self.numbers:
+            rec["numbers"], rec["numbers_s"] = self.numbers, round(self.numbers_s, 3)
         return rec
 
 
@@ -306,11 +339,13 @@ def write_shard(path, entries: list, ops: list, reader, s: Settings, on_bytes=No
     the release (a Checkpoint: its files) or a source (`BlockSource`: a block in memory). The record
     holds size and digest, and: carried blocks (`cast_blocks`, `cast_lossless`, `cast_lossy`
     {tensor: lossy 32-blocks}) when anything was carried; weight amax that are not max |w| of
-    the release (`weight_amax_not_release_max`) when re-quantizing.
+    the release (`weight_amax_not_release_max`) when re-quantizing; `numbers` {projection: verify's
+    check 7 numbers} for the projections of `s.check` whose codes were in memory (`numbers_s`: the
+    compute threads' seconds on them).
     """
     carried = any(s.carry(what) for kind, what in ops if kind == "expert")
     tally = _Tally()
-    with ShardWriter(path, entries, metadata={"format": "pt"}) as writer:
+    with ShardWriter(path, entries, metadata={"format": "pt"}) as writer, _scratch_freed(bool(s.check)):
         for planned, segments in _planned(entries, ops, source_of(reader), s, tally):
             before = writer.written
             for seg in segments:
@@ -325,6 +360,16 @@ def write_shard(path, entries: list, ops: list, reader, s: Settings, on_bytes=No
                 on_bytes(writer.written - before)
         size, digest = writer.finish()
     return {"size": size, HASH: digest, **tally.record(carried)}
+
+
+@contextmanager
+def _scratch_freed(checked: bool):
+    """The numeric check's per-thread buffers (~230 MB at Pro's expert shape) freed after the shard."""
+    try:
+        yield
+    finally:
+        if checked:
+            numeric.release_scratch()
 
 
 def _nbytes(dtype: str, shape) -> int:
