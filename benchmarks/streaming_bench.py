@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import random
@@ -195,17 +194,16 @@ def time_verify(export: Path, src: Path, a, res_along: dict) -> dict:
     out["workers"] = workers
     # with the record, verify reads the pass-through tensors of both checkpoints (check 5's byte
     # comparison) and headers: its rate on those bytes against the disk's, and V4 Pro's at that ratio
-    from quantbook.release.format import expected_tensors, expert_name, load_config, named_config
-    from quantbook.release.shards import DTYPE_SIZE, Checkpoint
+    from quantbook.export.verify import passthrough_bytes
+    from quantbook.release.format import expert_name, load_config, named_config
+    from quantbook.release.shards import Checkpoint
 
     ck = Checkpoint(export)
     through = sum(ck.entry(n).nbytes for n in ck.weight_map if (x := expert_name(n)) is None or x.mtp)
     drop_cache(shards(export) + shards(src))
     raw = raw_read(shards(export))
     rate = 2 * through / out["with the pass's record"]["seconds"] / 1e9
-    pro = load_config(named_config("pro"))
-    pro_through = sum(math.prod(t.shape) * DTYPE_SIZE[t.dtype] for n, t in expected_tensors(pro).items()
-                      if (x := expert_name(n)) is None or x.mtp)
+    pro_through = passthrough_bytes(load_config(named_config("pro")), "released")
     out["record_mode"] = {"passthrough_GB_both": round(2 * through / 1e9, 3), "GB_per_s": round(rate, 3),
                           "raw_read_GB_per_s": raw["gb_per_s"], "x_raw": round(rate / raw["gb_per_s"], 3),
                           "v4_pro_passthrough_GB_both": round(2 * pro_through / 1e9, 1),

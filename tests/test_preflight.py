@@ -282,7 +282,9 @@ def test_rates_each_with_where_it_was_measured(tmp_path):
     assert rates.pick(table, "dequant", device="cpu", workers=2, cpus=2)["machine"].startswith("this 2-core VM")
     assert rates.pick(table, "dequant", device="cpu", workers=4, cpus=16)["value"] == 944
     assert rates.pick(table, "calibrate", device="cuda", driver="streaming")["value"] == 3.7
-    assert rates.pick(table, "verify", device="cpu", workers=8) is None  # not measured: not guessed
+    assert rates.pick(table, "verify", device="cpu", workers=8, route="reread") is None  # not measured: not guessed
+    assert rates.pick(table, "verify", route="in-pass", cpus=224)["unit"] == "s/tensor"
+    assert rates.seconds({"unit": "s/tensor", "value": 0.25}, tensors=2048) == 512
     assert rates.pick(table, "v4-serving", workers=8, cpus=32, route="requant", device="cuda")["value"] == 786
     assert rates.pick(table, "v4-serving", workers=8, cpus=32, route="carry", device="cpu")["value"] == 1312
     assert rates.seconds({"unit": "s/layer", "value": 2.0}, layers=61) == 122

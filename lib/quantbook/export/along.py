@@ -53,7 +53,7 @@ class Along:
         self.waits = {j.name: set(self.layers[j.name]) | _read_by_the_pass(self.names[j.name], pass_blocks)
                       for j in self.jobs}
         self.main = self.config["num_hidden_layers"]
-        self.check = _checked(self.config, e)
+        self.check = checked_in_pass(self.config, e)
         self.fresh = {"kind": "quantbook.layout", "layout": layout.LAYOUT, "source": str(self.src),
                       "source_id": rp.source_id, "options": self.options, "along": True, "complete": False}
         self.manifest = self._open()
@@ -192,7 +192,7 @@ class Along:
         self._pool.shutdown(wait=True)
 
 
-def _checked(config: dict, e: dict) -> frozenset[str]:
+def checked_in_pass(config: dict, e: dict) -> frozenset[str]:
     """The projections verify's check 7 computes for these export settings (`export.verify_sample`):
     the pass computes their numbers on the bytes it writes, so verify does not read them again."""
     from .verify import converted_prefixes, sampled
@@ -220,4 +220,4 @@ def _release_names(job) -> set[str]:
     return out
 
 
-__all__ = ["Along"]
+__all__ = ["Along", "checked_in_pass"]

@@ -370,8 +370,8 @@ def check_experts(ck: Checkpoint, cfg: dict, form: str | None = None) -> tuple[C
 
 def check_passthrough(ck: Checkpoint, cfg: dict, src: Checkpoint | None, form: str | None = None) -> Check:
     c = Check("5", "every other tensor as released (name, dtype, shape, bytes); mtp.* present")
-    expected = {n: s for n, s in expected_tensors(cfg).items() if not _converted(n, form, ("weight", "scale"))}
-    expert_names = {n for n in ck.weight_map if _converted(n, form, NVFP4_SUFFIXES)}
+    expected = {n: s for n, s in expected_tensors(cfg).items() if not converted(n, form, ("weight", "scale"))}
+    expert_names = {n for n in ck.weight_map if converted(n, form, NVFP4_SUFFIXES)}
     for n, spec in expected.items():
         if n not in ck:
             c.fail(f"{n} missing")
@@ -405,10 +405,17 @@ def check_passthrough(ck: Checkpoint, cfg: dict, src: Checkpoint | None, form: s
     return c.close(f"{compared:,} tensors ({nbytes / 2**20:,.1f} MiB) byte-equal to the release, {mtp} of them mtp.*")
 
 
-def _converted(name: str, form: str | None, tensors: tuple[str, ...]) -> bool:
+def converted(name: str, form: str | None, tensors: tuple[str, ...]) -> bool:
     """One of `tensors` of a routed expert the layout converts (main layers; MTP in the nvfp4 form)."""
     x = expert_name(name)
     return x is not None and (not x.mtp or form == "nvfp4") and x.tensor in tensors
+
+
+def passthrough_bytes(config: dict, form: str | None) -> int:
+    """Bytes of the tensors an export in this MTP `form` holds as released: what check 5 reads from each
+    checkpoint (the only tensors read twice once check 7's numbers come from step 02's pass)."""
+    return sum(math.prod(s.shape) * DTYPE_SIZE[s.dtype] for n, s in expected_tensors(config).items()
+               if not converted(n, form, ("weight", "scale")))
 
 
 def check_index(ck: Checkpoint) -> Check:

@@ -16,7 +16,7 @@ import yaml
 from ..errors import ParamsError
 
 RATES = Path(__file__).with_name("rates.yaml")
-UNITS = ("MiB/s", "s/layer", "s")
+UNITS = ("MiB/s", "s/layer", "s/tensor", "s")
 FIELDS = ("what", "unit", "value", "machine", "command", "date", "source")
 
 
@@ -58,12 +58,14 @@ def pick(rates: list[dict], what: str, device: str | None = None, workers: int |
     return found[0]
 
 
-def seconds(rate: dict, nbytes: int | None = None, layers: int | None = None) -> float:
-    """The projected time of a step at `rate`: bytes over a rate, layers times seconds, or the figure."""
+def seconds(rate: dict, nbytes: int | None = None, layers: int | None = None, tensors: int | None = None) -> float:
+    """The projected time of a step at `rate`: bytes over a rate, layers or tensors times seconds, or the figure."""
     if rate["unit"] == "MiB/s":
         return nbytes / (rate["value"] * 2**20)
     if rate["unit"] == "s/layer":
         return layers * rate["value"]
+    if rate["unit"] == "s/tensor":
+        return tensors * rate["value"]
     return float(rate["value"])
 
 

@@ -463,7 +463,8 @@ def _export(ctx: Context) -> None:
                f"{rel['config']['n_routed_experts']} experts NVFP4)"
         if along:
             write_s = rates_mod.seconds(rate, nbytes=todo) if rate else None
-            _overlap_with_calibration(ctx, write_s)
+            check_s = _numbers_in_pass(ctx, e, rel["config"])
+            _overlap_with_calibration(ctx, None if write_s is None or check_s is None else write_s + check_s)
             ctx.plan.append({"step": "03", "what": what + ": along step 02's pass (quantize.export_along)",
                              "runs": "in 02", "bytes": todo, "seconds": write_s,
                              "rate": rates_mod.describe(rate) if rate else None})
@@ -490,11 +491,23 @@ def _export(ctx: Context) -> None:
         ctx.plan.append({"step": "03", "what": what, "runs": "yes", "bytes": todo,
                          "seconds": rates_mod.seconds(rate, nbytes=todo) if rate else None,
                          "rate": rates_mod.describe(rate) if rate else None})
-    rate = rates_mod.pick(ctx.rates, "verify", device=e["device"], workers=e["workers"], cpus=ctx.machine.cpus)
-    ctx.plan.append({"step": "03", "what": "verify the export" + (f" ({e['verify_sample']} expert tensors)"
-                                                                   if e["verify_sample"] else " (every expert tensor)"),
-                     "runs": "yes", "seconds": rates_mod.seconds(rate, nbytes=todo) if rate else None,
-                     "rate": rates_mod.describe(rate) if rate else None})
+    checked = f" ({e['verify_sample']} expert tensors)" if e["verify_sample"] else " (every expert tensor)"
+    if e["layout"] == "v4-serving" and _writes_along(ctx):  # the numbers from the pass: reads the pass-through
+        from ..export.verify import passthrough_bytes
+
+        through = 2 * passthrough_bytes(rel["config"], "nvfp4" if e["mtp_experts"] == "nvfp4" else "released")
+        rate = rates_mod.pick(ctx.rates, "verify", route="record", cpus=ctx.machine.cpus)
+        ctx.plan.append({"step": "03", "what": f"verify the export{checked}: the numbers step 02's pass computed, "
+                                               f"the pass-through tensors ({size(through)} in both) compared",
+                         "runs": "yes", "bytes": through,
+                         "seconds": rates_mod.seconds(rate, nbytes=through) if rate else None,
+                         "rate": rates_mod.describe(rate) if rate else None})
+    else:
+        rate = rates_mod.pick(ctx.rates, "verify", device=e["device"], workers=e["workers"], cpus=ctx.machine.cpus,
+                              route="reread")
+        ctx.plan.append({"step": "03", "what": "verify the export" + checked,
+                         "runs": "yes", "seconds": rates_mod.seconds(rate, nbytes=todo) if rate else None,
+                         "rate": rates_mod.describe(rate) if rate else None})
     f = e["fidelity"]
     if f["enabled"] and e["layout"] == "v4-serving":
         cfg = rel["config"]
@@ -519,6 +532,21 @@ def _writes_along(ctx: Context) -> bool:
     """Does step 02 of this run write the export along its pass (driver streaming, quantize.export_along)?"""
     q = ctx.params.get("quantize") or {}
     return "02" in ctx.steps and q.get("driver") == "streaming" and q.get("export_along", True) is True
+
+
+def _numbers_in_pass(ctx: Context, e: dict, config: dict) -> float | None:
+    """Plans verify's numbers computed in the pass on the bytes written (export.writer), in the writer's
+    `export.workers` threads beside its writes: their seconds, None when not measured."""
+    from ..export.along import checked_in_pass
+
+    n = len(checked_in_pass(config, e))
+    rate = rates_mod.pick(ctx.rates, "verify", route="in-pass", cpus=ctx.machine.cpus)
+    threads = max(1, min(e["workers"], ctx.machine.cpus or 1))
+    secs = rates_mod.seconds(rate, tensors=n) / threads if rate else None
+    ctx.plan.append({"step": "03", "what": f"verify's numbers of {n:,} expert tensors on the bytes written "
+                                           f"({threads} writer threads)", "runs": "in 02", "seconds": secs,
+                     "rate": rates_mod.describe(rate) if rate else None})
+    return secs
 
 
 def _overlap_with_calibration(ctx: Context, write_s: float | None) -> None:
