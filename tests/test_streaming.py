@@ -232,6 +232,13 @@ def test_sigkill_inside_and_between_blocks_then_resume_identically(streamed, tin
         files(tiny_chain["export"], exclude=(MANIFEST, "README.md"))
     assert rec["export"]["gate"]["in_pass"]  # the gate's streams resumed twice: the chain's separate gate exactly
     assert gate_numbers(run_dir / "eval-02.json") == gate_numbers(tiny_chain["run_dir"] / "eval.json")
+    # verify's numbers, computed by three processes as they wrote their shards, are verify's own of the files
+    from quantbook.export.verify import verify
+
+    took = verify(tmp_path / "export", source=tiny_chain["src"], sample=export.get("verify_sample"), progress=False)
+    assert took["verdict"] == "pass" and took["numbers"]["from_record"] == took["numbers"]["tensors"] > 0
+    assert took["numbers_per_tensor"] == verify(tiny_chain["export"], source=tiny_chain["src"], progress=False,
+                                                sample=export.get("verify_sample"))["numbers_per_tensor"]
     assert [t["block"] for t in rec["timeline"] if not t["this_run"]] == done2
     assert_same_calibration(streamed["dir"], run_dir)
     leftovers = sorted(p.name for p in block_checkpoint.checkpoint_dir(run_dir).iterdir())
