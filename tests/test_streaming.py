@@ -605,14 +605,14 @@ def test_preflight_of_the_production_params_on_the_node(pro_release, tmp_path):
     along = next(r for r in v.plan if r["step"] == "03" and r["runs"] == "in 02" and r["what"].startswith("write"))
     gate = next(r for r in v.plan if r["step"] == "03" and r["what"].startswith("fidelity gate"))
     assert gate["runs"] == "in 02" and gate["seconds"] == pytest.approx(62 * 3.2)
-    # verify's numbers of the 2,048 sampled expert tensors computed in the pass, in the 32 writer threads
+    # verify's numbers of the 2,048 sampled expert tensors computed in the pass, 8 threads a shard
     numbers = next(r for r in v.plan if r["step"] == "03" and r["what"].startswith("verify's numbers"))
     assert numbers["runs"] == "in 02" and numbers["what"].startswith("verify's numbers of 2,048 expert tensors")
-    assert numbers["seconds"] == pytest.approx(2048 * 0.253 / 32)
+    assert numbers["seconds"] == pytest.approx(2048 * 0.253 / 8)
     assert calibrate["seconds"] == pytest.approx(max(62 * 3.7 + 62 * 3.2, along["seconds"] + numbers["seconds"]))
     assert "benchmarks/streaming_bench.py" in calibrate["rate"]
     # then verify takes those numbers and reads the pass-through tensors of both checkpoints (2 x 42.65 GB)
     verify = next(r for r in v.plan if r["step"] == "03" and r["what"].startswith("verify the export"))
     assert verify["bytes"] == 2 * 42_650_568_824 and verify["seconds"] == pytest.approx(verify["bytes"] / 1220 / 2**20)
     text = format_verdict(v)
-    assert "projected total: 12 min 43 s" in text and "not measured" not in text, text
+    assert "projected total: 13 min 31 s" in text and "not measured" not in text, text

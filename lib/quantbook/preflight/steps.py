@@ -535,16 +535,16 @@ def _writes_along(ctx: Context) -> bool:
 
 
 def _numbers_in_pass(ctx: Context, e: dict, config: dict) -> float | None:
-    """Plans verify's numbers computed in the pass on the bytes written (export.writer), in the writer's
-    `export.workers` threads beside its writes: their seconds, None when not measured."""
-    from ..export.along import checked_in_pass
+    """Plans verify's numbers computed in the pass on the bytes written (export.writer), in each shard's
+    compute threads beside its writes: their seconds, None when not measured."""
+    from ..export.along import check_threads, checked_in_pass
 
     n = len(checked_in_pass(config, e))
     rate = rates_mod.pick(ctx.rates, "verify", route="in-pass", cpus=ctx.machine.cpus)
-    threads = max(1, min(e["workers"], ctx.machine.cpus or 1))
+    threads = check_threads(ctx.machine.cpus)
     secs = rates_mod.seconds(rate, tensors=n) / threads if rate else None
     ctx.plan.append({"step": "03", "what": f"verify's numbers of {n:,} expert tensors on the bytes written "
-                                           f"({threads} writer threads)", "runs": "in 02", "seconds": secs,
+                                           f"({threads} threads a shard)", "runs": "in 02", "seconds": secs,
                      "rate": rates_mod.describe(rate) if rate else None})
     return secs
 
