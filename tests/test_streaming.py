@@ -245,6 +245,48 @@ def test_sigkill_inside_and_between_blocks_then_resume_identically(streamed, tin
     assert leftovers == sorted([block_checkpoint.MANIFEST] + [f"amax.{b}.safetensors" for b in blocks])
 
 
+KILL_MID_SHARD = """
+import os, signal, sys
+from quantbook.release import shards
+write = shards.ShardWriter.write
+def killing_write(self, data):
+    write(self, data)
+    if self.path.name.startswith(sys.argv[1]) and self.written > self.expected // 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # half of this shard is in its .partial file
+shards.ShardWriter.write = killing_write
+from quantbook.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigkill_in_the_middle_of_a_shard_then_resume_identically(tiny_chain, tmp_path):
+    """A real process SIGKILLed while it writes a layer's shard along the pass, half of it in its
+    `.partial` file: nothing under the shard's final name; the rerun gives the chain's export byte for
+    byte, and verify's numbers from the pass are verify's own."""
+    from quantbook.calibrate import quantize
+    from quantbook.export.layout import MANIFEST
+    from quantbook.export.verify import verify
+
+    export = {**yaml.safe_load(tiny_chain["params"].read_text())["export"], "dir": str(tmp_path / "export")}
+    params = _params(tmp_path / "s.yaml", streaming_q(tiny_chain), export)
+    shard = "model-00003-of-00007.safetensors"  # layers.1
+    cmd = [sys.executable, "-c", KILL_MID_SHARD, shard, "quantize", str(params), "--run-id", "killed",
+           "--runs-dir", str(tmp_path / "runs")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert out.returncode == -signal.SIGKILL, out.stdout[-2000:] + out.stderr[-2000:]
+    assert (tmp_path / "export" / f"{shard}.partial").is_file() and not (tmp_path / "export" / shard).exists()
+
+    rec = quantize(yaml.safe_load(params.read_text())["quantize"], tmp_path / "runs" / "killed", progress=False,
+                   export=export)
+    assert rec["status"] == "done" and not list((tmp_path / "export").glob("*.partial"))
+    assert files(tmp_path / "export", exclude=(MANIFEST, "README.md")) == \
+        files(tiny_chain["export"], exclude=(MANIFEST, "README.md"))
+    took = verify(tmp_path / "export", source=tiny_chain["src"], sample=export.get("verify_sample"), progress=False)
+    assert took["verdict"] == "pass" and took["numbers"]["from_record"] == took["numbers"]["tensors"] > 0
+    assert took["numbers_per_tensor"] == verify(tiny_chain["export"], source=tiny_chain["src"], progress=False,
+                                                sample=export.get("verify_sample"))["numbers_per_tensor"]
+
+
 def test_stale_or_foreign_checkpoint_refused(streamed, tiny_chain, tmp_path):
     """Other calibration data, another world size or a manifest quantbook did not sign: refused,
     the differences listed, nothing removed."""
