@@ -127,9 +127,16 @@ def test_verify_takes_the_pass_s_numbers(along, tiny_chain, tmp_path, monkeypatc
     (d / MANIFEST).write_text(json.dumps(m))
     bad = v.verify(d, source=src, progress=False)
     assert bad["verdict"] == "fail" and name in bad["reasons"][0]
+    release = v.Checkpoint(src)
+    assert v.recorded_numbers(v.Checkpoint(d), release).keys() == recorded.keys()
+    other = {**m, "source_id": "another release"}  # numbers against another release are not this one's
+    (d / MANIFEST).write_text(json.dumps(other))
+    assert v.recorded_numbers(v.Checkpoint(d), release) == {}
+    (d / MANIFEST).write_text(json.dumps(m))
     with open(d / shard, "ab") as f:  # not the bytes the numbers were computed on: the shard's are read again
         f.write(b"x")
-    assert v.recorded_numbers(v.Checkpoint(d)).keys() == recorded.keys() - m["shards"][shard]["numbers"].keys()
+    assert v.recorded_numbers(v.Checkpoint(d), release).keys() == \
+        recorded.keys() - m["shards"][shard]["numbers"].keys()
 
 
 def test_the_end_of_the_pass_reads_no_shard_again(along, tiny_chain, tmp_path, monkeypatch):

@@ -494,12 +494,17 @@ def sampled(names: list[str], sample: int | None) -> list[str]:
     return list(names)
 
 
-def recorded_numbers(ck: Checkpoint) -> dict[str, dict]:
+def recorded_numbers(ck: Checkpoint, src: Checkpoint) -> dict[str, dict]:
     """{projection: check 7's numbers} that step 02's pass computed on the bytes it wrote, in memory
     (export.writer), from the export's manifest: only from shards whose file has the size recorded
-    with them, in a manifest that says the export is complete."""
+    with them, in a manifest that says the export is complete and was made from `src` (the release's
+    fingerprint, `release.convert.source_identity`)."""
+    from ..release.convert import source_identity
+
     m = atomic.read_json(ck.dir / MANIFEST)
-    if not m or not m.get("complete"):
+    if not m or not m.get("complete") or src.index is None:
+        return {}
+    if m.get("source_id") != source_identity(src.dir, src.index, {s: src.header(s) for s in src.shards}):
         return {}
     out = {}
     for shard, rec in (m.get("shards") or {}).items():
@@ -658,7 +663,7 @@ def verify(export: str | Path, source: str | Path | None = None, reference: str 
         checks = [check_config(cfg, src_cfg), check_quant_config(ck, cfg, form), check_names(ck), experts,
                   check_passthrough(ck, src_cfg or cfg, src, form), check_index(ck)]
         num, numbers = check_numbers(ck, cfg, ref, src, sample=sample, workers=workers, progress=progress, form=form,
-                                     recorded=None if reread else recorded_numbers(ck))
+                                     recorded=None if reread or src is None else recorded_numbers(ck, src))
         checks += [num, check_manifest(ck), check_engines(ck, cfg, form)]
         failed = [c for c in checks if c.status == FAIL]
         skipped = [c.id for c in checks if c.status == SKIP]
