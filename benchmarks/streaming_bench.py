@@ -178,7 +178,8 @@ def time_verify(export: Path, src: Path, a, res_along: dict) -> dict:
     each: taking the pass's numbers (its default) and reading every checked tensor again (--reread),
     with the machine's cores; the verdicts and numbers must agree. Also what computing those numbers
     cost the pass (`res_along`: its export record): tensors, compute threads' seconds."""
-    from quantbook.export.verify import verify
+    from quantbook.export.verify import passthrough_bytes, verify
+    from quantbook.release.format import load_config, named_config
 
     out, numbers = {}, {}
     workers = min(16, os.cpu_count() or 1)
@@ -194,12 +195,7 @@ def time_verify(export: Path, src: Path, a, res_along: dict) -> dict:
     out["workers"] = workers
     # with the record, verify reads the pass-through tensors of both checkpoints (check 5's byte
     # comparison) and headers: its rate on those bytes against the disk's, and V4 Pro's at that ratio
-    from quantbook.export.verify import passthrough_bytes
-    from quantbook.release.format import expert_name, load_config, named_config
-    from quantbook.release.shards import Checkpoint
-
-    ck = Checkpoint(export)
-    through = sum(ck.entry(n).nbytes for n in ck.weight_map if (x := expert_name(n)) is None or x.mtp)
+    through = passthrough_bytes(load_config(src), "released")
     drop_cache(shards(export) + shards(src))
     raw = raw_read(shards(export))
     rate = 2 * through / out["with the pass's record"]["seconds"] / 1e9

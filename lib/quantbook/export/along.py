@@ -206,8 +206,7 @@ def checked_in_pass(config: dict, e: dict) -> frozenset[str]:
     the pass computes their numbers on the bytes it writes, so verify does not read them again."""
     from .verify import converted_prefixes, sampled
 
-    form = "nvfp4" if e["mtp_experts"] == "nvfp4" else "released"
-    return frozenset(sampled(converted_prefixes(config, form), e.get("verify_sample")))
+    return frozenset(sampled(converted_prefixes(config, e["mtp_experts"]), e.get("verify_sample")))
 
 
 def _read_by_the_pass(names: set[str], pass_blocks) -> set[tuple[str, int]]:

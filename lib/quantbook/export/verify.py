@@ -36,8 +36,9 @@ projection missing any of its four tensors is named (engines load those without 
 
 An export step 02's streaming pass wrote (`quantize.export_along`) carries, in its manifest, the
 numbers of check 7 the pass computed with this module's code on the bytes it wrote, while they and
-the release's were in memory (export.writer): check 7 takes them for shards whose size is the
-recorded one instead of reading those tensors again (`--reread` reads them); the pass-through
+the release's were in memory (export.writer): check 7 takes them, when `--source` is the release
+they were computed against and for shards whose size is the recorded one, instead of reading those
+tensors again (`--reread` reads them); the pass-through
 tensors are still compared byte for byte with the release, the headers still parsed.
 
 Results go into the run directory atomically: `verify.json` (everything) and `verify.md`.

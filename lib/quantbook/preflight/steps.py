@@ -495,7 +495,7 @@ def _export(ctx: Context) -> None:
     if e["layout"] == "v4-serving" and _writes_along(ctx):  # the numbers from the pass: reads the pass-through
         from ..export.verify import passthrough_bytes
 
-        through = 2 * passthrough_bytes(rel["config"], "nvfp4" if e["mtp_experts"] == "nvfp4" else "released")
+        through = 2 * passthrough_bytes(rel["config"], e["mtp_experts"])
         rate = rates_mod.pick(ctx.rates, "verify", route="record", cpus=ctx.machine.cpus)
         ctx.plan.append({"step": "03", "what": f"verify the export{checked}: the numbers step 02's pass computed, "
                                                f"the pass-through tensors ({size(through)} in both) compared",
