@@ -426,8 +426,6 @@ class Evaluation:
         for side, candidate in ((self.ref, False), (self.cand, True)):
             t1 = time.perf_counter()
             layer = self._layer(block, raws.pop("export" if candidate else "release"), candidate)
-            if side.reader is not None:
-                side.reader.release(block)
             blocks.sync(self.device)
             t2 = time.perf_counter()
             if not candidate:
@@ -448,6 +446,8 @@ class Evaluation:
             timing[f"{who}_forward_s"] = round(time.perf_counter() - t2, 4)
             blocks.release_layer(layer)
             del layer
+            if side.reader is not None:  # after the forward: on CPU the layer's tensors may be views of the buffer
+                side.reader.release(block)
         row = {"block": block, "routed_rel_err": _relative(routed, seen.routed), "local_rel_err": local,
                "stream_rel_err": _relative(outs[True], outs[False]), "other_bytes_identical": same}
         if is_mtp:
